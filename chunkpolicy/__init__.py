@@ -1,0 +1,3 @@
+"""chunkpolicy: flow-matching / diffusion action-chunking robot policies."""
+
+__version__ = "0.1.0"
