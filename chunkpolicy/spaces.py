@@ -28,13 +28,13 @@ LAYOUTS = ("pad", "slots")
 SLOT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("right_arm_joint", tuple(f"right_arm_joint_{i}" for i in range(7))),
     ("right_gripper", ("right_gripper",)),
-    ("right_eef_pos", ("right_eef_pos_x", "right_eef_pos_y", "right_eef_pos_z")),
-    ("right_eef_rot6d", tuple(f"right_eef_rot6d_{i}" for i in range(6))),
+    ("right_eef_pose", ("right_eef_pos_x", "right_eef_pos_y", "right_eef_pos_z")
+     + tuple(f"right_eef_rot6d_{i}" for i in range(6))),
     ("left_arm_joint", tuple(f"left_arm_joint_{i}" for i in range(7))),
     ("left_gripper", ("left_gripper",)),
     ("base_vel", ("base_vel_x", "base_vel_y", "base_vel_yaw")),
-    ("left_eef_pos", ("left_eef_pos_x", "left_eef_pos_y", "left_eef_pos_z")),
-    ("left_eef_rot6d", tuple(f"left_eef_rot6d_{i}" for i in range(6))),
+    ("left_eef_pose", ("left_eef_pos_x", "left_eef_pos_y", "left_eef_pos_z")
+     + tuple(f"left_eef_rot6d_{i}" for i in range(6))),
     ("right_arm_joint_vel", tuple(f"right_arm_joint_vel_{i}" for i in range(7))),
     ("left_arm_joint_vel", tuple(f"left_arm_joint_vel_{i}" for i in range(7))),
 )
