@@ -1,0 +1,101 @@
+"""The ``chunkpolicy`` console script: one entry point, subcommands delegate to their packages.
+
+Subcommand modules are imported lazily so ``chunkpolicy data info`` does not pay for importing simulators or models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+def _data(args: argparse.Namespace) -> int:
+    from chunkpolicy.data import commands
+
+    if args.data_cmd == "info":
+        print(commands.data_info(args.store))
+    elif args.data_cmd == "import-lerobot":
+        commands.cmd_import_lerobot(args.root, args.out, repo_id=args.repo_id, embodiment_name=args.embodiment)
+    elif args.data_cmd == "export-lerobot":
+        commands.cmd_export_lerobot(args.store, args.root, repo_id=args.repo_id, use_videos=args.videos)
+    elif args.data_cmd == "stats":
+        commands.cmd_stats(args.store)
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from chunkpolicy.models.info import format_model_info, model_info
+
+    print(format_model_info(model_info(args.preset, args.head)))
+    return 0
+
+
+def _forward(module: str) -> Callable[[list[str]], int]:
+    """Subcommands that own their argument parsing (train, eval, collect, quickstart)."""
+
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return int(importlib.import_module(module).main(argv) or 0)
+
+    return run
+
+
+FORWARDED = {
+    "train": _forward("chunkpolicy.training.cli"),
+    "eval": _forward("chunkpolicy.evaluation.cli"),
+    "collect": _forward("chunkpolicy.sim.cli"),
+    "quickstart": _forward("chunkpolicy.quickstart"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chunkpolicy", description="Action-chunking robot policies.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    data = sub.add_parser("data", help="episode stores: info, LeRobot import/export, stats")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    info = dsub.add_parser("info", help="episodes, frames, keys, embodiment, fps, tasks of a store")
+    info.add_argument("store")
+    imp = dsub.add_parser("import-lerobot", help="LeRobotDataset v3 directory -> zarr episode store")
+    imp.add_argument("root")
+    imp.add_argument("out")
+    imp.add_argument("--repo-id", default=None)
+    imp.add_argument("--embodiment", default=None, help="embodiment name (default: from the dataset)")
+    exp = dsub.add_parser("export-lerobot", help="zarr episode store -> LeRobotDataset v3 directory")
+    exp.add_argument("store")
+    exp.add_argument("root")
+    exp.add_argument("--repo-id", default=None)
+    exp.add_argument("--videos", action="store_true", help="encode cameras as videos instead of images")
+    st = dsub.add_parser("stats", help="compute and save exact normalization stats of a store")
+    st.add_argument("store")
+    data.set_defaults(func=_data)
+
+    model = sub.add_parser("model", help="model presets")
+    msub = model.add_subparsers(dest="model_cmd", required=True)
+    minfo = msub.add_parser("info", help="parameter counts per component (built on the meta device)")
+    minfo.add_argument("--preset", default="paligemma-3b")
+    minfo.add_argument("--head", default="flow_expert")
+    model.set_defaults(func=_model)
+
+    for name in FORWARDED:
+        sub.add_parser(name, help=f"{name} (see `chunkpolicy {name} --help`)", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return FORWARDED[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"chunkpolicy: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
