@@ -1,0 +1,367 @@
+"""Zarr v3 episode store: per-key arrays concatenated over time plus episode boundaries.
+
+Layout of ``STORE.zarr``::
+
+    zarr.json                 attributes: format_version, embodiment (spec dict), fps, tasks, num_episodes, stats
+    data/action               float32 [N, A]
+    data/state                float32 [N, S]
+    data/images/<camera>      uint8 [N, h, w, 3], one compressed chunk per frame (one frame = one read)
+    meta/episode_ends         int64 [E]   exclusive end frame of each episode
+    meta/episode_task         int32 [E]   index into the `tasks` attribute
+    meta/episode_seed         int64 [E]   seed that produced the episode (-1 if unknown)
+
+Crash safety: an append writes frames and per-episode metadata first and then commits by rewriting the root attributes
+(``num_episodes``, ``tasks``) in one atomic file write (zarr's local store writes to a temp file and renames). Readers
+trust only ``num_episodes``; the next append truncates anything an interrupted append left past the committed end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from chunkpolicy.normalize import compute_stats, stats_from_json, stats_to_json
+from chunkpolicy.spaces import EmbodimentSpec
+
+FORMAT_NAME = "chunkpolicy.episode_store"
+FORMAT_VERSION = 1
+NUMERIC_KEYS = ("action", "state")
+_META_CHUNK = 4096
+_NUMERIC_CHUNK = 8192
+
+
+def _image_codec() -> BloscCodec:
+    # zstd inside blosc: good ratio on camera frames and ~1 GB/s decode; no shuffle (uint8 pixels gain nothing).
+    return BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")
+
+
+class EpisodeStore:
+    """A store of episodes for one embodiment. Use :meth:`create` or :meth:`open`.
+
+    Picklable: only the path and mode travel; each DataLoader worker reopens the zarr group lazily.
+    Numeric keys (``action``, ``state``) are small and are read into memory once per process for fast windows.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r") -> None:
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        self.path, self.mode = Path(path), mode
+        self._group: zarr.Group | None = None
+        self._cache: dict[str, np.ndarray] = {}
+        self._load_meta()
+
+    # -- opening / creating ---------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        spec: EmbodimentSpec,
+        fps: float,
+        image_shapes: Mapping[str, tuple[int, int]] | None = None,
+        overwrite: bool = False,
+    ) -> "EpisodeStore":
+        """Create an empty store. ``image_shapes`` maps every camera of ``spec`` to its ``(h, w)``.
+
+        The store is built in a temp directory next to ``path`` and renamed into place, so a crash never leaves a
+        half-created store (and ``overwrite`` replaces an old one only once the new one is complete).
+        """
+        path = Path(path)
+        image_shapes = dict(image_shapes or {})
+        if set(image_shapes) != set(spec.cameras):
+            raise ValueError(
+                f"image_shapes: cameras {sorted(image_shapes)} do not match the spec's cameras {sorted(spec.cameras)}"
+            )
+        for cam, hw in image_shapes.items():
+            if len(hw) != 2 or min(hw) <= 0:
+                raise ValueError(f"image_shapes[{cam!r}]: expected (h, w) > 0, got {hw!r}")
+        if not (np.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be positive, got {fps!r}")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            data = root.create_group("data")
+            data.create_array("action", shape=(0, spec.action_dim), chunks=(_NUMERIC_CHUNK, max(spec.action_dim, 1)), dtype="float32")
+            data.create_array("state", shape=(0, spec.state_dim), chunks=(_NUMERIC_CHUNK, max(spec.state_dim, 1)), dtype="float32")
+            imgs = data.create_group("images")
+            for cam in spec.cameras:
+                h, w = (int(v) for v in image_shapes[cam])
+                imgs.create_array(cam, shape=(0, h, w, 3), chunks=(1, h, w, 3), dtype="uint8", compressors=_image_codec())
+            meta = root.create_group("meta")
+            meta.create_array("episode_ends", shape=(0,), chunks=(_META_CHUNK,), dtype="int64")
+            meta.create_array("episode_task", shape=(0,), chunks=(_META_CHUNK,), dtype="int32")
+            meta.create_array("episode_seed", shape=(0,), chunks=(_META_CHUNK,), dtype="int64")
+            root.attrs.update(
+                {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "embodiment": spec.to_dict(),
+                    "fps": float(fps),
+                    "tasks": [],
+                    "num_episodes": 0,
+                }
+            )
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path, mode="a")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> "EpisodeStore":
+        return cls(path, mode)
+
+    def _root(self) -> zarr.Group:
+        if self._group is None:
+            self._group = zarr.open_group(str(self.path), mode="r+" if self.mode == "a" else "r", zarr_format=3)
+        return self._group
+
+    def _load_meta(self) -> None:
+        if not self.path.exists():
+            raise FileNotFoundError(f"episode store {self.path} does not exist")
+        try:
+            root = self._root()
+            attrs = dict(root.attrs)
+        except Exception as e:  # zarr raises several types for a broken/missing zarr.json
+            raise ValueError(f"{self.path}: not a readable zarr v3 episode store ({type(e).__name__}: {e})") from e
+        if attrs.get("format") != FORMAT_NAME:
+            raise ValueError(f"{self.path}: attribute 'format' is {attrs.get('format')!r}, expected {FORMAT_NAME!r}")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path}: format_version {attrs.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            )
+        for key in ("embodiment", "fps", "tasks", "num_episodes"):
+            if key not in attrs:
+                raise ValueError(f"{self.path}: missing attribute {key!r}")
+        self.spec = EmbodimentSpec.from_dict(attrs["embodiment"])
+        self.fps = float(attrs["fps"])
+        self.tasks: list[str] = list(attrs["tasks"])
+        self.num_episodes = int(attrs["num_episodes"])
+        self._stats = attrs.get("stats")
+        try:
+            ends = np.asarray(root["meta/episode_ends"][: self.num_episodes], dtype=np.int64)
+            task_idx = np.asarray(root["meta/episode_task"][: self.num_episodes], dtype=np.int64)
+            seeds = np.asarray(root["meta/episode_seed"][: self.num_episodes], dtype=np.int64)
+            arrays = {k: root[f"data/{k}"] for k in NUMERIC_KEYS}
+            arrays.update({f"images/{c}": root[f"data/images/{c}"] for c in self.spec.cameras})
+        except KeyError as e:
+            raise ValueError(f"{self.path}: corrupt store, missing array {e}") from e
+        if len(ends) != self.num_episodes or len(task_idx) != self.num_episodes:
+            raise ValueError(f"{self.path}: corrupt store, meta arrays shorter than num_episodes={self.num_episodes}")
+        if self.num_episodes and (np.any(np.diff(ends) <= 0) or ends[0] <= 0):
+            raise ValueError(f"{self.path}: corrupt store, meta/episode_ends is not strictly increasing")
+        n = int(ends[-1]) if self.num_episodes else 0
+        for key, arr in arrays.items():
+            if arr.shape[0] < n:
+                raise ValueError(f"{self.path}: corrupt store, data/{key} has {arr.shape[0]} frames < committed {n}")
+        if self.num_episodes and (task_idx.min() < 0 or task_idx.max() >= len(self.tasks)):
+            raise ValueError(f"{self.path}: corrupt store, meta/episode_task points outside the tasks list")
+        self.episode_ends, self._episode_task, self._episode_seed = ends, task_idx, seeds
+        self.num_frames = n
+        self._image_shapes = {c: tuple(arrays[f"images/{c}"].shape[1:3]) for c in self.spec.cameras}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_group"], state["_cache"] = None, {}  # reopened lazily in the receiving process
+        return state
+
+    # -- metadata -------------------------------------------------------------------------------------------------
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return self.spec.cameras
+
+    def image_shape(self, camera: str) -> tuple[int, int]:
+        if camera not in self._image_shapes:
+            raise KeyError(f"{self.path}: no camera {camera!r}; cameras: {list(self.cameras)}")
+        return self._image_shapes[camera]
+
+    def episode_range(self, i: int) -> tuple[int, int]:
+        """``(start, stop)`` frame indices of episode ``i`` (stop exclusive)."""
+        if not 0 <= i < self.num_episodes:
+            raise IndexError(f"episode {i} out of range: store has {self.num_episodes} episodes")
+        return (int(self.episode_ends[i - 1]) if i else 0), int(self.episode_ends[i])
+
+    def episode_task(self, i: int) -> str:
+        self.episode_range(i)
+        return self.tasks[int(self._episode_task[i])]
+
+    def episode_seed(self, i: int) -> int | None:
+        self.episode_range(i)
+        s = int(self._episode_seed[i])
+        return None if s < 0 else s
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(np.concatenate([[0], self.episode_ends]))
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def _array_key(self, key: str) -> str:
+        if key in NUMERIC_KEYS:
+            return f"data/{key}"
+        if key.startswith("images/") and key[len("images/"):] in self.cameras:
+            return f"data/{key}"
+        raise KeyError(f"{self.path}: unknown key {key!r}; keys: {list(NUMERIC_KEYS) + [f'images/{c}' for c in self.cameras]}")
+
+    def _numeric(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            self._cache[key] = np.asarray(self._root()[f"data/{key}"][: self.num_frames])
+        return self._cache[key]
+
+    def read(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Frames ``[start, stop)`` of ``key`` (``action``, ``state`` or ``images/<camera>``)."""
+        arr_key = self._array_key(key)
+        if not 0 <= start <= stop <= self.num_frames:
+            raise IndexError(f"{key}: frames [{start}, {stop}) outside [0, {self.num_frames})")
+        if key in NUMERIC_KEYS:
+            return self._numeric(key)[start:stop]
+        return np.asarray(self._root()[arr_key][start:stop])
+
+    def read_frames(self, key: str, idx: np.ndarray) -> np.ndarray:
+        """Frames at integer indices ``idx`` (any order, repeats allowed) of ``key``."""
+        arr_key = self._array_key(key)
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_frames):
+            raise IndexError(f"{key}: frame indices outside [0, {self.num_frames})")
+        if key in NUMERIC_KEYS:
+            return self._numeric(key)[idx]
+        uniq, inv = np.unique(idx, return_inverse=True)
+        arr = self._root()[arr_key]
+        if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):  # contiguous: one slice read
+            frames = np.asarray(arr[int(uniq[0]) : int(uniq[-1]) + 1])
+        else:
+            frames = np.asarray(arr.get_orthogonal_selection((uniq,)))
+        return frames[inv]
+
+    def read_episode(self, i: int) -> dict[str, Any]:
+        """``{"action", "state", "images": {cam: ...}, "task", "seed"}`` of episode ``i``."""
+        a, b = self.episode_range(i)
+        return {
+            "action": self.read("action", a, b).copy(),
+            "state": self.read("state", a, b).copy(),
+            "images": {c: self.read(f"images/{c}", a, b) for c in self.cameras},
+            "task": self.episode_task(i),
+            "seed": self.episode_seed(i),
+        }
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def validate_episode(self, episode: Mapping[str, Any]) -> int:
+        """Check an episode against the spec; returns its length T. Raises ValueError naming the field."""
+        missing = [k for k in ("action", "state", "images", "task") if k not in episode]
+        if missing:
+            raise ValueError(f"episode: missing fields {missing}")
+        lengths: dict[str, int] = {}
+        for key, dim in (("action", self.spec.action_dim), ("state", self.spec.state_dim)):
+            x = episode[key]
+            if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != dim:
+                got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+                raise ValueError(f"{key}: expected float32 [T, {dim}], got {got}")
+            if not np.isfinite(x).all():
+                bad = np.argwhere(~np.isfinite(x))[0]
+                raise ValueError(f"{key}: contains NaN or inf (first at frame {bad[0]}, dim {bad[1]})")
+            lengths[key] = x.shape[0]
+        images = episode["images"]
+        if not isinstance(images, Mapping) or set(images) != set(self.cameras):
+            got = sorted(images) if isinstance(images, Mapping) else type(images).__name__
+            raise ValueError(f"images: expected cameras {sorted(self.cameras)}, got {got}")
+        for cam in self.cameras:
+            x, (h, w) = images[cam], self.image_shape(cam)
+            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (h, w, 3):
+                got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+                raise ValueError(f"images/{cam}: expected uint8 [T, {h}, {w}, 3], got {got}")
+            lengths[f"images/{cam}"] = x.shape[0]
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"episode: lengths disagree {lengths}")
+        T = next(iter(lengths.values()))
+        if T < 1:
+            raise ValueError("episode: needs at least one frame (T >= 1)")
+        task = episode["task"]
+        if not isinstance(task, str) or not task.strip():
+            raise ValueError(f"task: expected a non-empty string, got {task!r}")
+        return T
+
+    def append_episode(self, episode: Mapping[str, Any], seed: int | None = None) -> int:
+        """Validate and append one episode; returns its index. See the module docstring for crash safety."""
+        if self.mode != "a":
+            raise PermissionError(f"{self.path} is open read-only; open with mode='a' to append")
+        T = self.validate_episode(episode)
+        self._load_meta()  # another process may have appended since we opened
+        root, n, e = self._root(), self.num_frames, self.num_episodes
+        # 1. frames (any leftovers of an interrupted append past the committed end are overwritten)
+        writes = [("action", episode["action"]), ("state", episode["state"])]
+        writes += [(f"images/{c}", episode["images"][c]) for c in self.cameras]
+        for key, x in writes:
+            arr = root[f"data/{key}"]
+            arr.resize((n + T, *arr.shape[1:]))
+            arr[n : n + T] = x
+        # 2. per-episode metadata
+        task = episode["task"]
+        tasks = self.tasks + ([task] if task not in self.tasks else [])
+        for name, value in (("episode_ends", n + T), ("episode_task", tasks.index(task)), ("episode_seed", -1 if seed is None else int(seed))):
+            arr = root[f"meta/{name}"]
+            arr.resize((e + 1,))
+            arr[e] = value
+        # 3. commit: one atomic rewrite of the root attributes
+        root.attrs.update({"tasks": tasks, "num_episodes": e + 1})
+        self._cache.clear()
+        self._load_meta()
+        return e
+
+    # -- stats and info -------------------------------------------------------------------------------------------
+    def compute_stats(self, save: bool = True) -> dict[str, dict[str, np.ndarray]]:
+        """Exact stats of ``action`` and ``state`` over all committed frames (see :func:`compute_stats`)."""
+        if self.num_frames == 0:
+            raise ValueError(f"{self.path}: cannot compute stats of an empty store")
+        stats = {k: compute_stats(self._numeric(k), field=k) for k in NUMERIC_KEYS if self._numeric(k).shape[1] > 0}
+        if save:
+            if self.mode != "a":
+                raise PermissionError(f"{self.path} is open read-only; open with mode='a' to save stats")
+            self._root().attrs.update({"stats": stats_to_json(stats)})
+            self._stats = stats_to_json(stats)
+        return stats
+
+    @property
+    def stats(self) -> dict[str, dict[str, np.ndarray]]:
+        if not self._stats:
+            raise KeyError(f"{self.path}: no stats saved; run `chunkpolicy data stats {self.path}` or store.compute_stats()")
+        return stats_from_json(self._stats)
+
+    def info(self) -> dict[str, Any]:
+        root = self._root()
+        keys = {}
+        for k in list(NUMERIC_KEYS) + [f"images/{c}" for c in self.cameras]:
+            arr = root[f"data/{k}"]
+            keys[k] = {"shape": [self.num_frames, *arr.shape[1:]], "dtype": str(arr.dtype)}
+        lengths = self.episode_lengths
+        return {
+            "path": str(self.path),
+            "format_version": FORMAT_VERSION,
+            "episodes": self.num_episodes,
+            "frames": self.num_frames,
+            "episode_length": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())} if len(lengths) else None,
+            "keys": keys,
+            "embodiment": self.spec.to_dict(),
+            "fps": self.fps,
+            "tasks": self.tasks,
+            "has_stats": bool(self._stats),
+        }
+
+    def __len__(self) -> int:
+        return self.num_episodes
+
+    def __repr__(self) -> str:
+        return f"EpisodeStore({str(self.path)!r}, episodes={self.num_episodes}, frames={self.num_frames}, embodiment={self.spec.name!r})"
