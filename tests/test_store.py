@@ -199,3 +199,18 @@ def test_store_is_picklable_in_dataloader_workers(tmp_path):
     loader = torch.utils.data.DataLoader(_Frames(ro), batch_size=4, num_workers=2)
     got = torch.cat(list(loader))
     assert torch.equal(got, ref)
+
+
+def test_direct_frame_path_matches_zarr(tmp_path):
+    store = make_synthetic_store(tmp_path / "d.zarr", SPEC, n_episodes=2, episode_len=5, image_hw=HW)
+    ro = EpisodeStore.open(store.path)
+    idx = np.array([9, 0, 4, 4, 7])
+    assert ro._direct_frame_path("data/images/top") is not None
+    fast = ro.read_frames("images/top", idx)
+    ref = np.asarray(ro._array("data/images/top").get_orthogonal_selection((np.unique(idx),)))
+    np.testing.assert_array_equal(fast, ref[np.searchsorted(np.unique(idx), idx)])
+    ro._direct["data/images/top"] = None  # force the zarr path
+    np.testing.assert_array_equal(ro.read_frames("images/top", idx), fast)
+    zarr_slice = np.asarray(ro._array("data/images/top")[2:6])
+    ro._direct.clear()  # back to the direct path
+    np.testing.assert_array_equal(ro.read("images/top", 2, 6), zarr_slice)

@@ -55,6 +55,8 @@ class EpisodeStore:
         self.path, self.mode = Path(path), mode
         self._group: zarr.Group | None = None
         self._cache: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, zarr.Array] = {}  # opening an array reads its metadata: do it once per process
+        self._direct: dict[str, Path | None] = {}
         self._load_meta()
 
     # -- opening / creating ---------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ class EpisodeStore:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_group"], state["_cache"] = None, {}  # reopened lazily in the receiving process
+        state["_group"], state["_cache"], state["_arrays"], state["_direct"] = None, {}, {}, {}  # reopened lazily in the receiving process
         return state
 
     # -- metadata -------------------------------------------------------------------------------------------------
@@ -217,6 +219,50 @@ class EpisodeStore:
             return f"data/{key}"
         raise KeyError(f"{self.path}: unknown key {key!r}; keys: {list(NUMERIC_KEYS) + [f'images/{c}' for c in self.cameras]}")
 
+    def _array(self, arr_key: str) -> zarr.Array:
+        if arr_key not in self._arrays:
+            self._arrays[arr_key] = self._root()[arr_key]
+        return self._arrays[arr_key]
+
+    def _direct_frame_path(self, arr_key: str) -> Path | None:
+        """Directory of per-frame chunk files when frames can be decoded without zarr's async machinery.
+
+        Our image arrays are one Blosc-compressed chunk per frame in a local directory; reading the chunk file and
+        decompressing it directly is ~4x faster than a zarr read (which pays an event-loop round trip per call).
+        Anything else (another store type, codec or chunking) returns None and goes through zarr.
+        """
+        if arr_key in self._direct:
+            return self._direct[arr_key]
+        arr, ok = self._array(arr_key), False
+        try:
+            m = arr.metadata
+            codecs = [type(c).__name__ for c in m.codecs]
+            ok = (
+                isinstance(arr.store, zarr.storage.LocalStore)
+                and codecs == ["BytesCodec", "BloscCodec"]
+                and tuple(m.chunk_grid.chunk_shape) == (1, *arr.shape[1:])
+                and getattr(m.chunk_key_encoding, "separator", None) == "/"
+                and type(m.chunk_key_encoding).__name__ == "DefaultChunkKeyEncoding"
+            )
+        except AttributeError:
+            ok = False
+        self._direct[arr_key] = (self.path / arr_key / "c") if ok else None
+        return self._direct[arr_key]
+
+    def _read_frames_direct(self, base: Path, shape: tuple[int, ...], idx: np.ndarray) -> np.ndarray:
+        from numcodecs import blosc
+
+        out = np.empty((len(idx), *shape), dtype=np.uint8)
+        tail = "/".join("0" * len(shape))
+        for k, i in enumerate(idx):
+            try:
+                raw = (base / f"{int(i)}/{tail}").read_bytes()
+            except FileNotFoundError:  # never-written chunk: zarr's fill value
+                out[k] = 0
+                continue
+            out[k] = np.frombuffer(blosc.decompress(raw), dtype=np.uint8).reshape(shape)
+        return out
+
     def _numeric(self, key: str) -> np.ndarray:
         if key not in self._cache:
             self._cache[key] = np.asarray(self._root()[f"data/{key}"][: self.num_frames])
@@ -229,7 +275,7 @@ class EpisodeStore:
             raise IndexError(f"{key}: frames [{start}, {stop}) outside [0, {self.num_frames})")
         if key in NUMERIC_KEYS:
             return self._numeric(key)[start:stop]
-        return np.asarray(self._root()[arr_key][start:stop])
+        return self.read_frames(key, np.arange(start, stop))
 
     def read_frames(self, key: str, idx: np.ndarray) -> np.ndarray:
         """Frames at integer indices ``idx`` (any order, repeats allowed) of ``key``."""
@@ -239,8 +285,11 @@ class EpisodeStore:
             raise IndexError(f"{key}: frame indices outside [0, {self.num_frames})")
         if key in NUMERIC_KEYS:
             return self._numeric(key)[idx]
+        direct = self._direct_frame_path(arr_key)
+        if direct is not None:
+            return self._read_frames_direct(direct, self._array(arr_key).shape[1:], idx)
         uniq, inv = np.unique(idx, return_inverse=True)
-        arr = self._root()[arr_key]
+        arr = self._array(arr_key)
         if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):  # contiguous: one slice read
             frames = np.asarray(arr[int(uniq[0]) : int(uniq[-1]) + 1])
         else:
@@ -318,6 +367,8 @@ class EpisodeStore:
         # 3. commit: one atomic rewrite of the root attributes
         root.attrs.update({"tasks": tasks, "num_episodes": e + 1})
         self._cache.clear()
+        self._arrays.clear()
+        self._direct.clear()
         self._load_meta()
         return e
 
