@@ -1,0 +1,137 @@
+"""``flow_expert``: π0-style action expert sharing self-attention with the backbone, layer by layer.
+
+The expert is a Gemma-shaped transformer (its own norms, q/k/v/o projections and MLPs; same head count, KV heads and
+head_dim as the backbone, one layer per backbone layer) over the H noisy action tokens. In layer ``l`` the action tokens'
+keys/values are concatenated with the prefix's layer-``l`` keys/values, so actions attend to the whole prefix and to
+each other (bidirectionally), while the prefix never sees the actions. The prefix KV is computed once per chunk
+(:meth:`Backbone.encode_prefix`) and reused by all Euler steps; :meth:`FlowExpertHead.joint_velocity` is the
+equivalent single pass over ``[prefix | actions]`` with the blockwise mask (used to check the cache).
+
+Action tokens: ``Linear(D → w)(x_τ)`` concatenated with a sinusoidal embedding of τ, then ``Linear(2w → w)``, swish,
+``Linear(w → w)``; output ``Linear(w → D)``. Flow convention and loss: :mod:`chunkpolicy.models.flow`.
+
+Invalid unified dims (``action_mask`` False) are held at exactly 0 in the noisy input during training and sampling,
+so what the expert sees for them never depends on data or noise; padded steps are sampled but never supervised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GemmaConfig
+from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm
+
+from chunkpolicy.models import flow
+from chunkpolicy.models.backbone import Backbone, Prefix, PrefixOutput, attend, blockwise_mask, finish, qkv, sinusoidal_embedding
+from chunkpolicy.models.heads.base import ActionHead, register_head
+from chunkpolicy.models.losses import masked_mean
+
+
+@dataclass
+class FlowExpertConfig:
+    """``width``/``mlp`` None: π0 sizes for a 2048-wide backbone (1024 / 4096), else half the backbone width / 4×."""
+
+    width: int | None = None
+    mlp: int | None = None
+    num_steps: int = flow.DEFAULT_STEPS
+    min_period: float = 4e-3
+    max_period: float = 4.0
+
+
+@register_head("flow_expert", FlowExpertConfig)
+class FlowExpertHead(ActionHead):
+    def __init__(self, cfg: FlowExpertConfig, backbone: Backbone, horizon: int, action_dim: int) -> None:
+        super().__init__(cfg, backbone, horizon, action_dim)
+        if backbone.num_layers == 0:
+            raise ValueError(
+                "flow_expert shares attention with the backbone's Gemma layers, and the 'siglip' variant has none; "
+                "use the 'dit' head with it"
+            )
+        bc = backbone.config
+        w = cfg.width or (1024 if bc.width == 2048 else max(bc.width // 2, bc.head_dim))
+        mlp = cfg.mlp or 4 * w
+        gcfg = GemmaConfig(
+            hidden_size=w, intermediate_size=mlp, num_hidden_layers=bc.depth, num_attention_heads=bc.heads,
+            num_key_value_heads=bc.kv_heads, head_dim=bc.head_dim, vocab_size=1, hidden_activation="gelu_pytorch_tanh",
+        )
+        self.width = w
+        self.layers = nn.ModuleList([GemmaDecoderLayer(gcfg, i) for i in range(bc.depth)])
+        self.norm = GemmaRMSNorm(w, eps=gcfg.rms_norm_eps)
+        self.action_in = nn.Linear(action_dim, w)
+        self.time_in = nn.Linear(2 * w, w)
+        self.time_out = nn.Linear(w, w)
+        self.action_out = nn.Linear(w, action_dim)
+        for lin in (self.action_in, self.time_in, self.time_out, self.action_out):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def embed_actions(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """``x [B, H, D]``, ``tau [B]`` → action tokens ``[B, H, w]``."""
+        a = self.action_in(x)
+        t = sinusoidal_embedding(tau, self.width, self.cfg.min_period, self.cfg.max_period).to(a.dtype)
+        h = torch.cat([a, t[:, None].expand_as(a)], dim=-1)
+        return self.time_out(F.silu(self.time_in(h)))
+
+    def _suffix_positions(self, next_position: torch.Tensor) -> torch.Tensor:
+        return next_position[:, None] + torch.arange(self.horizon, device=next_position.device)[None]
+
+    def velocity(self, backbone: Backbone, prefix_out: PrefixOutput, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Predicted velocity ``[B, H, D]`` for noisy chunk ``x`` at flow time ``tau [B]``, using the cached prefix KV."""
+        h = self.embed_actions(x, tau)
+        B, H = h.shape[:2]
+        cos, sin = backbone.rope(h, self._suffix_positions(prefix_out.next_position))
+        # actions attend to every valid prefix token and to all actions
+        mask = torch.cat([prefix_out.valid, torch.ones(B, H, dtype=torch.bool, device=h.device)], 1)[:, None, None, :]
+        for layer, (pk, pv) in zip(self.layers, prefix_out.kv):
+            q, k, v = qkv(layer, h, cos, sin)
+            k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
+            h = finish(layer, h, attend(layer, q, k, v, mask))
+        return self.action_out(self.norm(h))
+
+    def joint_velocity(self, backbone: Backbone, prefix: Prefix, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`velocity` without a cache: one pass over ``[prefix | actions]`` with the blockwise mask."""
+        pre, suf = prefix.embeds, self.embed_actions(x, tau)
+        B, P, H = pre.shape[0], pre.shape[1], suf.shape[1]
+        nxt = prefix.positions.max(dim=1).values + 1
+        valid = torch.cat([prefix.valid, torch.ones(B, H, dtype=torch.bool, device=pre.device)], 1)
+        block = torch.cat([prefix.block, torch.full((B, H), 2, dtype=torch.long, device=pre.device)], 1)
+        mask = blockwise_mask(valid, block, valid, block)
+        cos_p, sin_p = backbone.rope(pre, prefix.positions)
+        cos_s, sin_s = backbone.rope(suf, self._suffix_positions(nxt))
+        for bl, el in zip(backbone.layers, self.layers):
+            q1, k1, v1 = qkv(bl, pre, cos_p, sin_p)
+            q2, k2, v2 = qkv(el, suf, cos_s, sin_s)
+            out = attend(bl, torch.cat([q1, q2], 2), torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), mask)
+            pre, suf = finish(bl, pre, out[:, :P]), finish(el, suf, out[:, P:])
+        return self.action_out(self.norm(suf))
+
+    # -- interface ------------------------------------------------------------------------------------------------
+    def loss(self, backbone: Backbone, prefix_out: PrefixOutput, batch: dict, *,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        a, amask, pad = batch["actions"], batch["action_mask"].bool(), batch["action_is_pad"].bool()
+        gen = generator
+        valid_dims = amask[:, None, :]
+        a = torch.where(valid_dims, a, torch.zeros_like(a))  # invalid dims: exactly 0 whatever sits there
+        noise = torch.randn(a.shape, generator=gen, device=a.device, dtype=a.dtype) * valid_dims
+        tau = flow.sample_tau(a.shape[0], generator=gen, device=a.device, dtype=a.dtype)
+        x_t = flow.interpolate(a, noise, tau)
+        # padded steps are unsupervised; their (data-dependent) content must not leak through attention either
+        x_t = torch.where(pad[:, :, None], noise, x_t)
+        v = self.velocity(backbone, prefix_out, x_t, tau)
+        loss = masked_mean((v - flow.target_velocity(a, noise)) ** 2, amask, pad)
+        return {"loss": loss}
+
+    def sample(self, backbone: Backbone, prefix_out: PrefixOutput, batch: dict, *, num_steps: int | None = None,
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        amask = batch["action_mask"].bool()[:, None, :]
+        B = prefix_out.hidden.shape[0]
+        if noise is None:
+            noise = torch.randn(B, self.horizon, self.action_dim, generator=generator, device=prefix_out.hidden.device,
+                                dtype=prefix_out.hidden.dtype)
+        noise = noise * amask
+        m = amask.to(noise.dtype)
+        return flow.euler_integrate(lambda x, t: self.velocity(backbone, prefix_out, x, t) * m, noise, num_steps or self.cfg.num_steps)

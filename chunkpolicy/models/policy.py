@@ -1,0 +1,258 @@
+"""``ChunkPolicy`` = unified space + normalizer + backbone + action head + prompt tokenizer.
+
+Training: ``compute_loss(batch)`` takes the batch schema in robot units (as the data pipeline yields it), normalizes
+state and actions with the per-embodiment normalizer, encodes the prefix once and asks the head for its loss.
+Inference: ``predict_chunk(observation)`` returns ``[B, H, robot action dims]`` in robot units. Normalization happens
+here and only here, for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from chunkpolicy.models.backbone import Backbone, backbone_config
+from chunkpolicy.models.heads.base import build_head, head_config
+from chunkpolicy.models.tokenizer import build_char_tokenizer, load_tokenizer, tokenize_prompts
+from chunkpolicy.normalize import Normalizer
+from chunkpolicy.spaces import UnifiedSpace
+
+FORMAT_VERSION = 1
+FILES = ("config.json", "model.safetensors", "normalizer.json", "space.json")
+
+
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a policy (saved as ``config.json``)."""
+
+    backbone: str = "tiny"
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)
+    head: str = "flow_expert"
+    head_options: dict[str, Any] = field(default_factory=dict)
+    horizon: int = 50
+    n_obs_steps: int = 1
+    max_prompt_tokens: int = 48
+    tokenizer_dir: str | None = None  # None: the built-in character tokenizer
+    action_norm: str = "quantile"
+    state_norm: str = "mean_std"
+    modality_dropout: float = 0.0  # per-sample probability of dropping each camera / the prompt while training
+    delta_actions: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PolicyConfig":
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"policy config: unknown fields {unknown}")
+        return cls(**d)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", tags=["robotics", "action-chunking"]):
+    """See the module docstring. ``stats``: ``{embodiment: {"action": {...}, "state": {...}}}`` in robot dims."""
+
+    def __init__(self, config: PolicyConfig, space: UnifiedSpace, stats: Mapping[str, Any], tokenizer: Any = None) -> None:
+        super().__init__()
+        self.config, self.space = config, space
+        self.normalizer = Normalizer(space, stats, {"action": config.action_norm, "state": config.state_norm})
+        self.backbone = Backbone(backbone_config(config.backbone, **config.backbone_overrides), state_dim=space.dim)
+        self.head = build_head(config.head, head_config(config.head, config.head_options), self.backbone, config.horizon, space.dim)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.tokenizer_dir) if config.tokenizer_dir else build_char_tokenizer()
+        _check(len(tokenizer) <= self.backbone.vocab_size,
+               f"tokenizer has {len(tokenizer)} ids but the backbone vocabulary has {self.backbone.vocab_size}")
+        self.tokenizer = tokenizer
+        self.register_buffer("_action_masks", space.mask_table("action"), persistent=False)
+        self.register_buffer("_state_masks", space.mask_table("state"), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.state_proj.weight.device
+
+    # -- input checks ---------------------------------------------------------------------------------------------
+    def validate(self, batch: Mapping[str, Any], training: bool) -> None:
+        """Shapes, dtypes, finiteness and ids of a batch; raises one ValueError naming the field."""
+        need = ["images", "image_mask", "state", "prompt", "embodiment"] + (["actions", "action_is_pad"] if training else [])
+        missing = [k for k in need if k not in batch]
+        _check(not missing, f"batch: missing keys {missing}")
+        D, H = self.space.dim, self.config.horizon
+        im = batch["images"]
+        _check(im.ndim == 6 and im.shape[3] == 3, f"images: expected [B, N, T_obs, 3, h, w], got {tuple(im.shape)}")
+        B, N = im.shape[:2]
+        _check(tuple(batch["image_mask"].shape) == (B, N), f"image_mask: expected [{B}, {N}], got {tuple(batch['image_mask'].shape)}")
+        st = batch["state"]
+        _check(st.ndim == 3 and st.shape[0] == B and st.shape[2] == D, f"state: expected [{B}, T_obs, {D}], got {tuple(st.shape)}")
+        _check(bool(torch.isfinite(st).all()), "state: contains NaN or inf")
+        _check(bool(torch.isfinite(im).all()), "images: contains NaN or inf")
+        emb = torch.as_tensor(batch["embodiment"])
+        _check(tuple(emb.shape) == (B,), f"embodiment: expected [{B}] ids, got {tuple(emb.shape)}")
+        E = len(self.space.embodiments)
+        _check(bool(((emb >= 0) & (emb < E)).all()), f"embodiment: ids {emb.tolist()} outside the {E} registered embodiments")
+        _check(len(batch["prompt"]) == B, f"prompt: expected {B} strings, got {len(batch['prompt'])}")
+        if training:
+            a = batch["actions"]
+            _check(tuple(a.shape) == (B, H, D), f"actions: expected [{B}, {H}, {D}], got {tuple(a.shape)}")
+            _check(tuple(batch["action_is_pad"].shape) == (B, H), f"action_is_pad: expected [{B}, {H}], got {tuple(batch['action_is_pad'].shape)}")
+            valid = self._masks(batch, "action", emb)[:, None, :] & ~batch["action_is_pad"].bool()[:, :, None]
+            _check(bool(torch.isfinite(torch.where(valid, a, torch.zeros_like(a))).all()), "actions: contains NaN or inf in valid entries")
+
+    def _masks(self, batch: Mapping[str, Any], kind: str, emb: torch.Tensor) -> torch.Tensor:
+        """The batch's ``{kind}_mask`` if given (checked against the space), else the space's masks for ``emb``."""
+        table = (self._action_masks if kind == "action" else self._state_masks).to(emb.device)[emb]
+        key = f"{kind}_mask"
+        if key in batch:
+            m = batch[key].bool()
+            _check(tuple(m.shape) == tuple(table.shape), f"{key}: expected {tuple(table.shape)}, got {tuple(m.shape)}")
+            _check(bool((m == table).all()), f"{key}: does not match the unified space's mask for the embodiment")
+        return table
+
+    # -- shared forward -------------------------------------------------------------------------------------------
+    def _prefix(self, batch: Mapping[str, Any], generator: torch.Generator | None = None):
+        dev = self.device
+        emb = torch.as_tensor(batch["embodiment"], device=dev).long()
+        images, image_mask = batch["images"].to(dev), batch["image_mask"].to(dev).bool()
+        ids, am = tokenize_prompts(self.tokenizer, list(batch["prompt"]), self.config.max_prompt_tokens, device=dev)
+        if self.training and self.config.modality_dropout > 0:
+            image_mask, am = self._modality_dropout(image_mask, am, generator)
+        state = self.normalizer.normalize("state", batch["state"].to(dev).float(), emb)
+        state_mask = self._masks(batch, "state", emb)
+        prefix = self.backbone.embed_prefix(images, image_mask, ids, am, state, state_mask)
+        return emb, self.backbone.encode_prefix(prefix), prefix
+
+    def _modality_dropout(self, image_mask: torch.Tensor, am: torch.Tensor, generator: torch.Generator | None):
+        """RDT-style: drop each present camera and the prompt independently with probability p, never all of them."""
+        p = self.config.modality_dropout
+        B, N = image_mask.shape
+        drop = torch.rand(B, N + 1, generator=generator, device=image_mask.device) < p
+        present = torch.cat([image_mask, am.any(1, keepdim=True)], 1)
+        kept = present & ~drop
+        none_left = ~kept.any(1)
+        kept[none_left] = present[none_left]  # keep everything for samples that would lose every modality
+        return kept[:, :N], am & kept[:, N:]
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Loss on a batch of the schema in robot units (see CONTRIBUTING.md); returns ``{"loss", ...}``."""
+        self.validate(batch, training=True)
+        emb, pout, _ = self._prefix(batch, generator)
+        dev = self.device
+        amask = self._masks(batch, "action", emb)
+        actions = self.normalizer.normalize("action", batch["actions"].to(dev).float(), emb)
+        head_batch = {"actions": actions, "action_mask": amask, "action_is_pad": batch["action_is_pad"].to(dev).bool()}
+        return self.head.loss(self.backbone, pout, head_batch, generator=generator)
+
+    # -- inference ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_unified(self, observation: Mapping[str, Any], *, num_steps: int | None = None,
+                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Chunk ``[B, H, D]`` in robot units in the unified space (invalid dims exactly 0)."""
+        self.validate(observation, training=False)
+        emb, pout, _ = self._prefix(observation)
+        amask = self._masks(observation, "action", emb)
+        out = self.head.sample(self.backbone, pout, {"action_mask": amask}, num_steps=num_steps, generator=generator, noise=noise)
+        actions = self.normalizer.unnormalize("action", out.float(), emb)
+        if self.config.delta_actions:
+            actions = self._delta_to_absolute(actions, observation["state"].to(actions.device)[:, -1], emb)
+        return actions
+
+    def _delta_to_absolute(self, actions: torch.Tensor, state: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        out = actions.clone()
+        for e in emb.unique().tolist():
+            spec, rows = self.space.spec(e), emb == e
+            a_u, s_u = self.space.indices(e, "action"), self.space.indices(e, "state")
+            for j, name in enumerate(spec.action_names):
+                if spec.delta_action_mask()[j]:
+                    si = s_u[spec.state_names.index(name)]
+                    out[rows, :, a_u[j]] += state[rows][:, None, si]
+        return out
+
+    def predict_chunk(self, observation: Mapping[str, Any], embodiment: str | None = None, **kw: Any) -> torch.Tensor:
+        """Chunk ``[B, H, A]`` in the robot's own action dims and units; the batch must be one embodiment."""
+        emb = torch.as_tensor(observation["embodiment"]).long()
+        ids = emb.unique().tolist()
+        _check(len(ids) == 1, f"embodiment: predict_chunk needs one embodiment per batch, got ids {ids} (use predict_unified)")
+        if embodiment is not None:
+            _check(self.space.id_of(embodiment) == ids[0], f"embodiment: batch ids {ids} are not {embodiment!r}")
+        return self.space.unpad(self.predict_unified(observation, **kw), ids[0], "action")
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:  # type: ignore[override]
+        """Write ``config.json``, ``model.safetensors``, ``normalizer.json``, ``space.json`` and ``tokenizer/`` into a
+        temp directory next to the target, then rename it into place (never a half-written checkpoint)."""
+        from safetensors.torch import save_file
+
+        dst = Path(save_directory)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+        try:
+            (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "policy": asdict(self.config)}, indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
+            (tmp / "normalizer.json").write_text(json.dumps(self.normalizer.to_dict()))
+            (tmp / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2))
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            if dst.exists():
+                old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dst
+
+    def _save_pretrained(self, save_directory: Path) -> None:  # used by the hub mixin's push_to_hub
+        tmp_target = Path(save_directory) / "_policy"
+        self.save_pretrained(tmp_target)
+        for p in tmp_target.iterdir():
+            shutil.move(str(p), str(Path(save_directory) / p.name))
+        tmp_target.rmdir()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu", **kwargs: Any) -> "ChunkPolicy":  # type: ignore[override]
+        """Load a checkpoint directory written by :meth:`save_pretrained` (local only; download it first for the hub)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        missing = [f for f in FILES if not (path / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path}: not a chunkpolicy checkpoint, missing {missing}")
+        cfg = json.loads((path / "config.json").read_text())
+        if cfg.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: checkpoint format_version {cfg.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        config = PolicyConfig.from_dict(cfg["policy"])
+        space = UnifiedSpace.from_dict(json.loads((path / "space.json").read_text()))
+        norm = json.loads((path / "normalizer.json").read_text())
+        tok_dir = path / "tokenizer"
+        tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+        policy = cls(config, space, norm["stats"], tokenizer=tokenizer)
+        try:
+            state = load_file(str(path / "model.safetensors"), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path / 'model.safetensors'}: corrupt or truncated ({e})") from e
+        own = policy.state_dict()
+        miss = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if miss or extra or wrong:
+            raise ValueError(
+                f"{path}: weights do not match config.json: missing {miss[:5]}, unexpected {extra[:5]}, "
+                f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}"
+            )
+        policy.load_state_dict(state)
+        return policy.to(map_location)
