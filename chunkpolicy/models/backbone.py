@@ -260,29 +260,27 @@ class Backbone(nn.Module):
 
     # -- weights --------------------------------------------------------------------------------------------------
     def load_pretrained_weights(self, path: str | Path) -> None:
-        """Load a local ``PaliGemmaForConditionalGeneration.save_pretrained`` directory (safetensors) into the tower,
-        projector and LM. Sizes must match this config; ``state_proj`` is ours and keeps its initialization."""
-        from safetensors.torch import load_file
+        """Load a local ``PaliGemmaForConditionalGeneration`` directory (``save_pretrained`` output or a downloaded
+        PaliGemma checkpoint) into the tower, projector and LM. transformers reads it, so its key conversions apply.
+        Sizes must match this config; ``state_proj`` is ours and keeps its initialization."""
+        from transformers import PaliGemmaForConditionalGeneration
 
         path = Path(path)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no *.safetensors weights (expected a save_pretrained directory)")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(f))
-        state.pop("lm_head.weight", None)  # tied to the token embedding
-        own = {k: v for k, v in self.state_dict().items() if k.startswith("model.")}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json (expected a PaliGemma save_pretrained directory)")
+        want = self.config_from_pretrained(path)
+        mine = replace(self.config, variant="paligemma")
+        if asdict(want) != asdict(mine):
+            diff = {k: (v, asdict(mine)[k]) for k, v in asdict(want).items() if asdict(mine)[k] != v}
+            raise ValueError(f"{path}: weights do not match backbone config (checkpoint vs ours): {diff}")
+        hf = PaliGemmaForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=self.state_proj.weight.dtype)
+        state = hf.model.state_dict()
+        own = self.model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or wrong:
-            raise ValueError(
-                f"{path}: weights do not match backbone config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-                f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}"
-            )
-        self.load_state_dict(state, strict=False)
+            raise ValueError(f"{path}: weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}")
+        self.model.load_state_dict(state)
 
     @staticmethod
     def config_from_pretrained(path: str | Path) -> BackboneConfig:

@@ -92,8 +92,11 @@ class FlowExpertHead(ActionHead):
             h = finish(layer, h, attend(layer, q, k, v, mask))
         return self.action_out(self.norm(h))
 
-    def joint_velocity(self, backbone: Backbone, prefix: Prefix, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`velocity` without a cache: one pass over ``[prefix | actions]`` with the blockwise mask."""
+    def joint_velocity(self, backbone: Backbone, prefix: Prefix, x: torch.Tensor, tau: torch.Tensor,
+                       return_prefix: bool = False):
+        """Same as :meth:`velocity` without a cache: one pass over ``[prefix | actions]`` with the blockwise mask.
+
+        With ``return_prefix`` also returns the prefix's last hidden states ``[B, P, W]`` from that joint pass."""
         pre, suf = prefix.embeds, self.embed_actions(x, tau)
         B, P, H = pre.shape[0], pre.shape[1], suf.shape[1]
         nxt = prefix.positions.max(dim=1).values + 1
@@ -107,7 +110,8 @@ class FlowExpertHead(ActionHead):
             q2, k2, v2 = qkv(el, suf, cos_s, sin_s)
             out = attend(bl, torch.cat([q1, q2], 2), torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), mask)
             pre, suf = finish(bl, pre, out[:, :P]), finish(el, suf, out[:, P:])
-        return self.action_out(self.norm(suf))
+        v = self.action_out(self.norm(suf))
+        return (v, pre) if return_prefix else v
 
     # -- interface ------------------------------------------------------------------------------------------------
     def loss(self, backbone: Backbone, prefix_out: PrefixOutput, batch: dict, *,

@@ -1,0 +1,41 @@
+"""Small builders shared by model tests (not a test module)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
+from chunkpolicy.normalize import compute_stats
+from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
+
+SPEC = EmbodimentSpec("toy", ("x", "y", "gripper"), ("x", "y"), ("top", "wrist"), 10.0, gripper_dims=("gripper",))
+
+
+def toy_space() -> UnifiedSpace:
+    return UnifiedSpace(32, "pad", embodiments=[SPEC])
+
+
+def toy_stats(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"toy": {"action": compute_stats(rng.normal(size=(200, 3))), "state": compute_stats(rng.normal(size=(200, 2)))}}
+
+
+def toy_policy(head: str = "flow_expert", horizon: int = 6, seed: int = 0, **cfg) -> ChunkPolicy:
+    torch.manual_seed(seed)
+    return ChunkPolicy(PolicyConfig(backbone="tiny", head=head, horizon=horizon, **cfg), toy_space(), toy_stats())
+
+
+def toy_batch(B: int = 3, horizon: int = 6, seed: int = 0, n_cam: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    space = toy_space()
+    return {
+        "images": torch.rand(B, n_cam, 1, 3, 40, 32, generator=g),
+        "image_mask": torch.ones(B, n_cam, dtype=torch.bool),
+        "state": space.pad(torch.randn(B, 1, 2, generator=g), "toy", "state"),
+        "prompt": ["pick up the red cube", "push", "open the drawer slowly"][:B] + ["x"] * max(0, B - 3),
+        "embodiment": torch.zeros(B, dtype=torch.long),
+        "actions": space.pad(torch.randn(B, horizon, 3, generator=g), "toy", "action"),
+        "action_mask": torch.from_numpy(space.mask("toy", "action"))[None].repeat(B, 1),
+        "action_is_pad": torch.zeros(B, horizon, dtype=torch.bool),
+    }
