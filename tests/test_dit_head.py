@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
+from helpers import toy_batch, toy_policy
+from test_policy import _two_mode_setup, mode_fractions, two_mode_batch
+
+
+@pytest.mark.parametrize("opts", [{"objective": "diffusion"}, {"objective": "diffusion", "prediction": "sample"}, {"objective": "flow"}])
+def test_padded_dims_and_steps_zero_gradient(opts):
+    policy = toy_policy("dit", head_options=dict(opts, depth=2, hidden=32)).train()
+    with torch.no_grad():  # the output layer starts at zero (adaLN-zero): give it weights so gradients reach the input
+        for p in list(policy.head.action_out.parameters()) + list(policy.head.blocks.parameters()):
+            p.normal_(0, 0.1)
+    batch = toy_batch()
+    batch["action_is_pad"][1, 3:] = True
+    actions = batch["actions"].clone().requires_grad_(True)
+    loss = policy.compute_loss(dict(batch, actions=actions), generator=torch.Generator().manual_seed(0))["loss"]
+    loss.backward()
+    assert torch.all(actions.grad[:, :, 3:] == 0) and torch.all(actions.grad[1, 3:] == 0)
+    assert actions.grad[0, :, :3].abs().sum() > 0
+    garbage = batch["actions"].clone()
+    garbage[:, :, 3:] = 5e5
+    garbage[1, 3:] = -1e4
+    loss2 = policy.compute_loss(dict(batch, actions=garbage), generator=torch.Generator().manual_seed(0))["loss"]
+    assert loss2.item() == loss.item()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver"])
+@pytest.mark.parametrize("steps", [1, 4, 10])
+def test_samplers_run_with_configurable_steps(sampler, steps):
+    policy = toy_policy("dit", head_options={"sampler": sampler, "depth": 1, "hidden": 32}).eval()
+    out = policy.predict_chunk(toy_batch(), num_steps=steps, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 6, 3) and torch.isfinite(out).all()
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="objective"):
+        toy_policy("dit", head_options={"objective": "score"})
+    with pytest.raises(ValueError, match="sampler"):
+        toy_policy("dit", head_options={"sampler": "euler"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, sampler", [("diffusion", "ddim"), ("diffusion", "dpmsolver"), ("flow", "ddim")])
+def test_dit_learns_both_modes(objective, sampler):
+    H = 4
+    spec, space, stats = _two_mode_setup(H)
+    torch.manual_seed(0)
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head="dit", horizon=H,
+                                      head_options={"objective": objective, "sampler": sampler, "depth": 2, "hidden": 64, "num_steps": 10}), space, stats)
+    opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    policy.train()
+    for _ in range(300):
+        loss = policy.compute_loss(two_mode_batch(space, 32, H, g), generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    up, down, middle = mode_fractions(policy, space, H)
+    print(f"dit {objective}/{sampler} two-mode: +1 {up:.2f}, -1 {down:.2f}, near 0 {middle:.2f}, final loss {loss.item():.3f}")
+    assert up >= 0.2 and down >= 0.2 and middle <= 0.1
