@@ -73,6 +73,9 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             tokenizer = load_tokenizer(config.tokenizer_dir) if config.tokenizer_dir else build_char_tokenizer()
         _check(len(tokenizer) <= self.backbone.vocab_size,
                f"tokenizer has {len(tokenizer)} ids but the backbone vocabulary has {self.backbone.vocab_size}")
+        reserved = getattr(self.head, "base", None)  # first vocabulary id a head reserves for itself
+        _check(reserved is None or len(tokenizer) <= reserved,
+               f"tokenizer ids (< {len(tokenizer)}) overlap the {config.head} head's reserved ids (>= {reserved})")
         self.tokenizer = tokenizer
         self.register_buffer("_action_masks", space.mask_table("action"), persistent=False)
         self.register_buffer("_state_masks", space.mask_table("state"), persistent=False)
@@ -203,6 +206,11 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             (tmp / "normalizer.json").write_text(json.dumps(self.normalizer.to_dict()))
             (tmp / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2))
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            extra = self.head.state_files() if hasattr(self.head, "state_files") else {}
+            if extra:  # non-tensor head state, e.g. a fitted FAST BPE
+                (tmp / "head").mkdir()
+                for name, text in extra.items():
+                    (tmp / "head" / name).write_text(text)
             if dst.exists():
                 old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
                 os.replace(dst, old)
@@ -241,6 +249,8 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         tok_dir = path / "tokenizer"
         tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
         policy = cls(config, space, norm["stats"], tokenizer=tokenizer)
+        if (path / "head").is_dir() and hasattr(policy.head, "load_state_files"):
+            policy.head.load_state_files({p.name: p.read_text() for p in (path / "head").iterdir()})
         try:
             state = load_file(str(path / "model.safetensors"), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
