@@ -142,11 +142,14 @@ class Normalizer(nn.Module):
         self.register_buffer(f"_{key}_valid", to(valid, torch.bool), persistent=False)
         self.register_buffer(f"_{key}_has", to(has, torch.bool), persistent=False)
 
-    def _params(self, key: str, embodiment: torch.Tensor, ndim: int):
+    def _params(self, key: str, embodiment: torch.Tensor, ndim: int, check: bool = True):
         if key not in self.modes:
             raise KeyError(f"no normalization mode for key {key!r}; configured: {sorted(self.modes)}")
         embodiment = torch.as_tensor(embodiment, dtype=torch.long, device=getattr(self, f"_{key}_has").device)
         has = getattr(self, f"_{key}_has")
+        if not check:  # caller validated ids and stats already (keeps graphed inference free of host syncs)
+            shape = (embodiment.shape[0],) + (1,) * (ndim - 2) + (-1,)
+            return [getattr(self, f"_{key}_{p}")[embodiment].reshape(shape) for p in ("offset", "scale", "live", "valid")]
         if embodiment.numel() and (embodiment.min() < 0 or embodiment.max() >= has.numel()):
             raise KeyError(f"embodiment ids {embodiment.tolist()} outside the {has.numel()} registered embodiments")
         missing = ~has[embodiment]
@@ -156,21 +159,27 @@ class Normalizer(nn.Module):
         shape = (embodiment.shape[0],) + (1,) * (ndim - 2) + (-1,)
         return [getattr(self, f"_{key}_{p}")[embodiment].reshape(shape) for p in ("offset", "scale", "live", "valid")]
 
-    def normalize(self, key: str, x: torch.Tensor, embodiment: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, ..., D]`` unified robot units → normalized; invalid and degenerate dims are exactly 0."""
+    def normalize(self, key: str, x: torch.Tensor, embodiment: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """``x`` ``[B, ..., D]`` unified robot units → normalized; invalid and degenerate dims are exactly 0.
+
+        ``check=False`` skips the id/stats checks (they sync with the host); only after :meth:`check_ids`."""
         if x.shape[-1] != self.space.dim:
             raise ValueError(f"{key}: expected last dim {self.space.dim}, got shape {tuple(x.shape)}")
-        offset, scale, live, _ = self._params(key, embodiment, x.ndim)
+        offset, scale, live, _ = self._params(key, embodiment, x.ndim, check)
         y = (x - offset.to(x.dtype)) / scale.to(x.dtype)
         return torch.where(live, y, torch.zeros_like(y))
 
-    def unnormalize(self, key: str, y: torch.Tensor, embodiment: torch.Tensor) -> torch.Tensor:
+    def unnormalize(self, key: str, y: torch.Tensor, embodiment: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Inverse of :meth:`normalize`; degenerate dims return their constant, invalid dims exactly 0."""
         if y.shape[-1] != self.space.dim:
             raise ValueError(f"{key}: expected last dim {self.space.dim}, got shape {tuple(y.shape)}")
-        offset, scale, live, valid = self._params(key, embodiment, y.ndim)
+        offset, scale, live, valid = self._params(key, embodiment, y.ndim, check)
         x = torch.where(live, y * scale.to(y.dtype) + offset.to(y.dtype), offset.to(y.dtype).expand_as(y))
         return torch.where(valid, x, torch.zeros_like(x))
+
+    def check_ids(self, key: str, embodiment: torch.Tensor) -> None:
+        """Raise if any id is out of range or lacks ``key`` stats (the checks ``check=False`` skips)."""
+        self._params(key, embodiment, 2, check=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {"modes": dict(self.modes), "eps": self.eps, "stats": stats_to_json(self.stats)}

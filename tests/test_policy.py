@@ -184,3 +184,17 @@ def test_flow_expert_learns_both_modes():
     up, down, middle = mode_fractions(policy, space, H)
     print(f"flow_expert two-mode: +1 {up:.2f}, -1 {down:.2f}, near 0 {middle:.2f}, final loss {loss.item():.3f}")
     assert up >= 0.2 and down >= 0.2 and middle <= 0.1
+
+
+def test_delta_actions_are_made_absolute_at_inference():
+    batch = toy_batch()
+    plain = toy_policy().eval()
+    delta = toy_policy(delta_actions=True).eval()
+    delta.load_state_dict(plain.state_dict())
+    noise = torch.randn(3, 6, 32)
+    a, b = plain.predict_unified(batch, noise=noise), delta.predict_unified(batch, noise=noise)
+    state = batch["state"][:, -1]
+    # toy spec: actions (x, y, gripper), state (x, y): x and y are relative to the state, the gripper is absolute
+    torch.testing.assert_close(b[..., 0], a[..., 0] + state[:, None, 0])
+    torch.testing.assert_close(b[..., 1], a[..., 1] + state[:, None, 1])
+    assert torch.equal(b[..., 2:], a[..., 2:])

@@ -140,9 +140,8 @@ def blockwise_mask(q_valid: torch.Tensor, q_block: torch.Tensor, k_valid: torch.
     given one (its own position when Lq == Lk) so SDPA never returns NaN for padding rows.
     """
     m = (k_block[:, None, :] <= q_block[:, :, None]) & k_valid[:, None, :]
-    empty = ~m.any(-1)
-    if empty.any():
-        m = m | (empty[:, :, None] & torch.eye(m.shape[1], m.shape[2], dtype=torch.bool, device=m.device)[None])
+    empty = ~m.any(-1)  # no data-dependent branch: the function stays free of host syncs (CUDA-graph safe)
+    m = m | (empty[:, :, None] & torch.eye(m.shape[1], m.shape[2], dtype=torch.bool, device=m.device)[None])
     return m[:, None]
 
 
@@ -228,10 +227,7 @@ class Backbone(nn.Module):
         B, N, T = images.shape[:3]
         dtype = self.state_proj.weight.dtype
         pix = self.preprocess_images(images.reshape(B * N * T, *images.shape[3:]).to(dtype))
-        if image_mask.any():
-            feats = self.model.get_image_features(pix).pooler_output  # [B*N*T, n_img, W]
-        else:  # every camera masked: skip the tower
-            feats = pix.new_zeros(B * N * T, self.config.tokens_per_image, self.width)
+        feats = self.model.get_image_features(pix).pooler_output  # [B*N*T, n_img, W]; masked cameras excluded below
         n_img = feats.shape[1]
         img = feats.reshape(B, N * T * n_img, self.width)
         img_valid = image_mask.bool()[:, :, None].expand(B, N, T * n_img).reshape(B, -1)

@@ -79,6 +79,16 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         self.tokenizer = tokenizer
         self.register_buffer("_action_masks", space.mask_table("action"), persistent=False)
         self.register_buffer("_state_masks", space.mask_table("state"), persistent=False)
+        # delta actions: for each embodiment and unified action dim, the unified state dim it is relative to
+        src = torch.zeros(len(space.embodiments), space.dim, dtype=torch.long)
+        on = torch.zeros(len(space.embodiments), space.dim, dtype=torch.bool)
+        for e, spec in enumerate(space.embodiments):
+            a_u, s_u, dm = space.indices(e, "action"), space.indices(e, "state"), spec.delta_action_mask()
+            for j, name in enumerate(spec.action_names):
+                if dm[j]:
+                    src[e, a_u[j]], on[e, a_u[j]] = int(s_u[spec.state_names.index(name)]), True
+        self.register_buffer("_delta_src", src, persistent=False)
+        self.register_buffer("_delta_on", on, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -122,17 +132,31 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         return table
 
     # -- shared forward -------------------------------------------------------------------------------------------
-    def _prefix(self, batch: Mapping[str, Any], generator: torch.Generator | None = None):
+    def prepare_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Tensors for :meth:`infer` on the policy's device: tokenized prompt, masks, embodiment ids (checked)."""
         dev = self.device
         emb = torch.as_tensor(batch["embodiment"], device=dev).long()
-        images, image_mask = batch["images"].to(dev), batch["image_mask"].to(dev).bool()
+        for key in ("state", "action"):
+            self.normalizer.check_ids(key, emb)
         ids, am = tokenize_prompts(self.tokenizer, list(batch["prompt"]), self.config.max_prompt_tokens, device=dev)
+        return {
+            "images": batch["images"].to(dev), "image_mask": batch["image_mask"].to(dev).bool(), "input_ids": ids,
+            "attention_mask": am, "state": batch["state"].to(dev).float(), "state_mask": self._masks(batch, "state", emb),
+            "action_mask": self._masks(batch, "action", emb), "embodiment": emb,
+        }
+
+    def _encode(self, inp: Mapping[str, torch.Tensor], image_mask: torch.Tensor, attention_mask: torch.Tensor):
+        state = self.normalizer.normalize("state", inp["state"], inp["embodiment"], check=False)
+        prefix = self.backbone.embed_prefix(inp["images"], image_mask, inp["input_ids"], attention_mask, state, inp["state_mask"])
+        return self.backbone.encode_prefix(prefix), prefix
+
+    def _prefix(self, batch: Mapping[str, Any], generator: torch.Generator | None = None):
+        inp = self.prepare_inputs(batch)
+        image_mask, am = inp["image_mask"], inp["attention_mask"]
         if self.training and self.config.modality_dropout > 0:
             image_mask, am = self._modality_dropout(image_mask, am, generator)
-        state = self.normalizer.normalize("state", batch["state"].to(dev).float(), emb)
-        state_mask = self._masks(batch, "state", emb)
-        prefix = self.backbone.embed_prefix(images, image_mask, ids, am, state, state_mask)
-        return emb, self.backbone.encode_prefix(prefix), prefix
+        pout, prefix = self._encode(inp, image_mask, am)
+        return inp["embodiment"], pout, prefix
 
     def _modality_dropout(self, image_mask: torch.Tensor, am: torch.Tensor, generator: torch.Generator | None):
         """RDT-style: drop each present camera and the prompt independently with probability p, never all of them."""
@@ -157,29 +181,32 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         return self.head.loss(self.backbone, pout, head_batch, generator=generator)
 
     # -- inference ------------------------------------------------------------------------------------------------
+    def infer(self, inputs: Mapping[str, torch.Tensor], noise: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
+        """Chunk ``[B, H, D]`` in robot units from :meth:`prepare_inputs` output and initial ``noise [B, H, D]``.
+
+        No validation and no host syncs for the flow heads, so it can be captured in a CUDA graph
+        (:class:`chunkpolicy.runtime.graphs.CudaGraphPolicy`)."""
+        emb = inputs["embodiment"]
+        pout, _ = self._encode(inputs, inputs["image_mask"], inputs["attention_mask"])
+        out = self.head.sample(self.backbone, pout, {"action_mask": inputs["action_mask"]}, num_steps=num_steps, noise=noise)
+        actions = self.normalizer.unnormalize("action", out.float(), emb, check=False)
+        if self.config.delta_actions:
+            base = inputs["state"][:, -1].gather(-1, self._delta_src[emb])
+            actions = actions + torch.where(self._delta_on[emb], base, torch.zeros_like(base))[:, None]
+        return actions
+
     @torch.no_grad()
     def predict_unified(self, observation: Mapping[str, Any], *, num_steps: int | None = None,
                         generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Chunk ``[B, H, D]`` in robot units in the unified space (invalid dims exactly 0)."""
         self.validate(observation, training=False)
-        emb, pout, _ = self._prefix(observation)
-        amask = self._masks(observation, "action", emb)
-        out = self.head.sample(self.backbone, pout, {"action_mask": amask}, num_steps=num_steps, generator=generator, noise=noise)
-        actions = self.normalizer.unnormalize("action", out.float(), emb)
-        if self.config.delta_actions:
-            actions = self._delta_to_absolute(actions, observation["state"].to(actions.device)[:, -1], emb)
-        return actions
-
-    def _delta_to_absolute(self, actions: torch.Tensor, state: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        out = actions.clone()
-        for e in emb.unique().tolist():
-            spec, rows = self.space.spec(e), emb == e
-            a_u, s_u = self.space.indices(e, "action"), self.space.indices(e, "state")
-            for j, name in enumerate(spec.action_names):
-                if spec.delta_action_mask()[j]:
-                    si = s_u[spec.state_names.index(name)]
-                    out[rows, :, a_u[j]] += state[rows][:, None, si]
-        return out
+        inputs = self.prepare_inputs(observation)
+        B = inputs["embodiment"].shape[0]
+        if noise is None:
+            noise = torch.randn(B, self.config.horizon, self.space.dim, generator=generator, device=self.device)
+        _check(tuple(noise.shape) == (B, self.config.horizon, self.space.dim),
+               f"noise: expected [{B}, {self.config.horizon}, {self.space.dim}], got {tuple(noise.shape)}")
+        return self.infer(inputs, noise.to(self.device, self.backbone.state_proj.weight.dtype), num_steps)
 
     def predict_chunk(self, observation: Mapping[str, Any], embodiment: str | None = None, **kw: Any) -> torch.Tensor:
         """Chunk ``[B, H, A]`` in the robot's own action dims and units; the batch must be one embodiment."""
