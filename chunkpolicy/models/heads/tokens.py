@@ -127,16 +127,21 @@ class TokensHead(ActionHead):
 
     @torch.no_grad()
     def generate(self, backbone: Backbone, prefix_out: PrefixOutput, max_new: int, use_cache: bool = True) -> torch.Tensor:
-        """Greedy decoding of ``max_new`` tokens after ``<act>``: ``[B, max_new]`` reserved-relative ids."""
+        """Greedy decoding after ``<act>`` until every sequence emitted ``<end>`` or ``max_new`` tokens:
+        ``[B, ≤ max_new]`` reserved-relative ids."""
         B = prefix_out.hidden.shape[0]
         seq = torch.full((B, 1), self.act_id, dtype=torch.long, device=prefix_out.hidden.device)
         cache, out = None, []
+        ended = torch.zeros(B, dtype=torch.bool, device=seq.device)
         for step in range(max_new):
+            if step and bool(ended.all()):  # one host sync per token: autoregressive decoding needs it anyway
+                break
             if use_cache:
                 logits, cache = self._run(backbone, prefix_out, seq[:, -1:], cache, start=step)
             else:
                 logits, _ = self._run(backbone, prefix_out, seq)
             nxt = logits[:, -1].argmax(-1)
+            ended |= nxt == self.end_id - self.base
             out.append(nxt)
             seq = torch.cat([seq, (nxt + self.base)[:, None]], 1)
         return torch.stack(out, 1)
