@@ -126,6 +126,19 @@ def ours_latency(args, rows, results):
                     rows.append(row)
                     print(row, flush=True)
                     del graphed
+                    if args.compile:
+                        t0 = time.perf_counter()
+                        graphed = CudaGraphPolicy(policy, obs, num_steps=STEPS, compile=True)
+                        build_s = time.perf_counter() - t0
+                        got = graphed(obs, noise=noise)
+                        diff = float((ref.float() - got.float()).abs().max())
+                        g = timeit(lambda: graphed(obs), args.calls * 2, 5, dev)
+                        row = {"model": f"chunkpolicy {label}", "cameras": n_cam, "mode": "compile+cuda_graph", **g, "params": n_params,
+                               "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff, "compile_s": round(build_s, 1)}
+                        rows.append(row)
+                        print(row, flush=True)
+                        del graphed
+                        policy = make_policy(args.preset, head, opts, dev, dtype)  # undo the compiled methods
             del policy
         except Exception as e:  # record and go on: one failure must not hide the other numbers
             results.setdefault("errors", []).append(f"chunkpolicy {label}: {type(e).__name__}: {e}")
@@ -133,6 +146,10 @@ def ours_latency(args, rows, results):
 
 
 def lerobot_pi0(n_cam: int, device: str):
+    try:  # lerobot's video utils annotate with av.option.Option at import time; load the submodule first
+        import av.option  # noqa: F401
+    except ImportError:
+        pass
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.pi0.configuration_pi0 import PI0Config
     from lerobot.policies.pi0.modeling_pi0 import PI0Policy
@@ -261,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="all", help="comma list of: flow_expert, dit (DDIM), tokens (bins), tokens (FAST)")
     p.add_argument("--skip-lerobot", action="store_true")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile + CUDA graph (minutes of compile)")
     p.add_argument("--quick", action="store_true", help="tiny preset, few calls (CPU smoke test)")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",")]

@@ -18,10 +18,17 @@ from chunkpolicy.models.policy import ChunkPolicy
 class CudaGraphPolicy:
     """Callable like ``policy.predict_unified`` for observations shaped like ``example``; returns ``[B, H, D]``."""
 
-    def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int | None = None, warmup: int = 3) -> None:
+    def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int | None = None, warmup: int = 3,
+                 compile: bool = False) -> None:
+        """``compile=True`` first fuses the elementwise work of each layer with ``torch.compile`` (Inductor/Triton
+        kernels, captured like any other kernel), which matters at batch 1 where thousands of tiny kernels dominate."""
         if policy.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the policy on a CUDA device, it is on {policy.device}")
         self.policy, self.num_steps = policy.eval(), num_steps
+        if compile:
+            policy.head.velocity = torch.compile(policy.head.velocity, dynamic=False, mode="max-autotune-no-cudagraphs")
+            policy.backbone.encode_prefix = torch.compile(policy.backbone.encode_prefix, dynamic=False, mode="max-autotune-no-cudagraphs")
+            policy.backbone.embed_prefix = torch.compile(policy.backbone.embed_prefix, dynamic=False, mode="max-autotune-no-cudagraphs")
         policy.validate(example, training=False)
         with torch.no_grad():
             self.inputs = {k: v.clone() for k, v in policy.prepare_inputs(example).items()}
