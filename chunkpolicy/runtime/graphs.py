@@ -26,9 +26,9 @@ class CudaGraphPolicy:
             raise ValueError(f"CUDA graphs need the policy on a CUDA device, it is on {policy.device}")
         self.policy, self.num_steps = policy.eval(), num_steps
         if compile:
-            policy.head.velocity = torch.compile(policy.head.velocity, dynamic=False, mode="max-autotune-no-cudagraphs")
-            policy.backbone.encode_prefix = torch.compile(policy.backbone.encode_prefix, dynamic=False, mode="max-autotune-no-cudagraphs")
-            policy.backbone.embed_prefix = torch.compile(policy.backbone.embed_prefix, dynamic=False, mode="max-autotune-no-cudagraphs")
+            policy.head.velocity = torch.compile(policy.head.velocity, dynamic=False)
+            policy.backbone.encode_prefix = torch.compile(policy.backbone.encode_prefix, dynamic=False)
+            policy.backbone.embed_prefix = torch.compile(policy.backbone.embed_prefix, dynamic=False)
         policy.validate(example, training=False)
         with torch.no_grad():
             self.inputs = {k: v.clone() for k, v in policy.prepare_inputs(example).items()}
