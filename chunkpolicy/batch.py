@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-IMAGES = "images"  # float32 [B, N, T_obs, 3, h, w] in [0, 1]
+IMAGES = "images"  # uint8 [B, N, T_obs, 3, h, w] (or float32 in [0, 1])
 IMAGE_MASK = "image_mask"  # bool [B, N]
 STATE = "state"  # float32 [B, T_obs, D]
 STATE_MASK = "state_mask"  # bool [B, D]

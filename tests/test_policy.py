@@ -198,3 +198,14 @@ def test_delta_actions_are_made_absolute_at_inference():
     torch.testing.assert_close(b[..., 0], a[..., 0] + state[:, None, 0])
     torch.testing.assert_close(b[..., 1], a[..., 1] + state[:, None, 1])
     assert torch.equal(b[..., 2:], a[..., 2:])
+
+
+def test_uint8_images_equal_float_images():
+    policy = toy_policy().eval()
+    batch = toy_batch()
+    u8 = (batch["images"] * 255).round().to(torch.uint8)
+    f32 = u8.float() / 255
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = policy.compute_loss(dict(batch, images=u8), g())["loss"]
+    b = policy.compute_loss(dict(batch, images=f32), g())["loss"]
+    assert a.item() == b.item()

@@ -4,7 +4,8 @@ Sample for frame ``t`` of an episode spanning ``[s, e)``:
 
 * observation history: frames ``t-T_obs+1 .. t`` (oldest first), clamped at ``s`` by repeating the first frame;
 * action chunk: steps ``t .. t+H-1``; steps ``>= e`` repeat the last action and are flagged in ``action_is_pad``;
-* everything mapped into the unified space (robot units; the policy normalizes), with validity masks.
+* everything mapped into the unified space (robot units; the policy normalizes), with validity masks;
+* images as uint8 ``[N, T_obs, 3, h, w]`` (the model scales them to [0, 1]).
 
 Delta actions (optional): action dims in ``spec.delta_action_mask()`` become ``a[t+k] - s[t]`` for the state dim of the
 same name; grippers and absolute dims stay absolute. :func:`delta_to_absolute` inverts it at inference.
@@ -156,13 +157,17 @@ class ChunkWindowDataset(torch.utils.data.Dataset):
         return sample
 
     def _images(self, obs: np.ndarray) -> torch.Tensor:
-        """float32 ``[N, T_obs, 3, h, w]`` in [0, 1]; empty camera slots are zeros."""
+        """uint8 ``[N, T_obs, 3, h, w]``; empty camera slots are zeros.
+
+        Frames stay uint8 until the model (4x less memory to copy between DataLoader workers and to the GPU than
+        float32); the backbone scales them to [0, 1]."""
         h, w = self.image_size if self.image_size is not None else (1, 1)
-        out = torch.zeros(self.n_cameras, self.n_obs_steps, 3, h, w)
+        out = torch.zeros(self.n_cameras, self.n_obs_steps, 3, h, w, dtype=torch.uint8)
         for ci, cam in enumerate(self.cameras):
-            frames = torch.from_numpy(self.store.read_frames(f"images/{cam}", obs)).permute(0, 3, 1, 2).float().div_(255.0)
+            frames = torch.from_numpy(self.store.read_frames(f"images/{cam}", obs)).permute(0, 3, 1, 2)
             if frames.shape[-2:] != (h, w):
-                frames = F.interpolate(frames, size=(h, w), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+                frames = F.interpolate(frames.float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+                frames = frames.round_().clamp_(0, 255).to(torch.uint8)
             out[ci] = frames
         return out
 

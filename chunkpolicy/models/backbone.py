@@ -222,11 +222,13 @@ class Backbone(nn.Module):
         state: torch.Tensor,
         state_mask: torch.Tensor,
     ) -> Prefix:
-        """Embed ``images [B, N, T, 3, h, w]`` (in [0, 1]), ``image_mask [B, N]``, ``input_ids``/``attention_mask``
+        """Embed ``images [B, N, T, 3, h, w]`` (float in [0, 1] or uint8), ``image_mask [B, N]``, ``input_ids``/``attention_mask``
         ``[B, L]`` and the normalized unified ``state [B, T, D]`` (+ ``state_mask [B, D]``) into a :class:`Prefix`."""
         B, N, T = images.shape[:3]
         dtype = self.state_proj.weight.dtype
-        pix = self.preprocess_images(images.reshape(B * N * T, *images.shape[3:]).to(dtype))
+        flat = images.reshape(B * N * T, *images.shape[3:])
+        flat = flat.to(dtype) / 255.0 if flat.dtype == torch.uint8 else flat.to(dtype)  # uint8 frames from the data path
+        pix = self.preprocess_images(flat)
         feats = self.model.get_image_features(pix).pooler_output  # [B*N*T, n_img, W]; masked cameras excluded below
         n_img = feats.shape[1]
         img = feats.reshape(B, N * T * n_img, self.width)
