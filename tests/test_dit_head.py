@@ -60,3 +60,13 @@ def test_dit_learns_both_modes(objective, sampler):
     up, down, middle = mode_fractions(policy, space, H)
     print(f"dit {objective}/{sampler} two-mode: +1 {up:.2f}, -1 {down:.2f}, near 0 {middle:.2f}, final loss {loss.item():.3f}")
     assert up >= 0.2 and down >= 0.2 and middle <= 0.1
+
+
+def test_siglip_variant_with_dit():
+    """The `siglip` variant: vision tower + light language embedding, no Gemma layers; the DiT cross-attends to it."""
+    policy = toy_policy("dit", backbone_overrides={"variant": "siglip"}, head_options={"depth": 1, "hidden": 32})
+    assert policy.backbone.num_layers == 0 and len(policy.backbone.layers) == 0
+    batch = toy_batch()
+    policy.compute_loss(batch)["loss"].backward()
+    assert policy.backbone.model.vision_tower.vision_model.embeddings.patch_embedding.weight.grad is not None
+    assert policy.eval().predict_chunk(batch, num_steps=2).shape == (3, 6, 3)
