@@ -214,3 +214,17 @@ def test_direct_frame_path_matches_zarr(tmp_path):
     zarr_slice = np.asarray(ro._array("data/images/top")[2:6])
     ro._direct.clear()  # back to the direct path
     np.testing.assert_array_equal(ro.read("images/top", 2, 6), zarr_slice)
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_image_codecs_round_trip(tmp_path, codec):
+    store = EpisodeStore.create(tmp_path / f"{codec}.zarr", SPEC, 10, {"top": HW, "wrist": HW}, image_codec=codec)
+    ep = _episode(4)
+    store.append_episode(ep)
+    again = EpisodeStore.open(store.path)
+    assert type(again._array("data/images/top").metadata.codecs[1]).__name__ == "BloscCodec"
+    assert again._array("data/images/top").metadata.codecs[1].to_dict()["configuration"]["cname"] == codec
+    assert again._direct_frame_path("data/images/top") is not None
+    np.testing.assert_array_equal(again.read_episode(0)["images"]["top"], ep["images"]["top"])
+    with pytest.raises(ValueError, match="image_codec"):
+        EpisodeStore.create(tmp_path / "x.zarr", SPEC, 10, {"top": HW, "wrist": HW}, image_codec="png")

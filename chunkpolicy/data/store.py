@@ -37,9 +37,16 @@ _META_CHUNK = 4096
 _NUMERIC_CHUNK = 8192
 
 
-def _image_codec() -> BloscCodec:
-    # zstd inside blosc: good ratio on camera frames and ~1 GB/s decode; no shuffle (uint8 pixels gain nothing).
-    return BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")
+IMAGE_CODECS = ("lz4", "zstd")
+
+
+def _image_codec(name: str) -> BloscCodec:
+    """Blosc codec for image frames. ``lz4`` (default) decodes a 224x224 frame ~10x faster than ``zstd`` (~0.01 vs
+    ~0.13 ms here) at a lower ratio; ``zstd`` when disk matters more than loading speed. No shuffle: uint8 pixels gain
+    nothing from it."""
+    if name not in IMAGE_CODECS:
+        raise ValueError(f"image_codec must be one of {IMAGE_CODECS}, got {name!r}")
+    return BloscCodec(cname=name, clevel=5 if name == "lz4" else 3, shuffle="noshuffle")
 
 
 class EpisodeStore:
@@ -68,6 +75,7 @@ class EpisodeStore:
         fps: float,
         image_shapes: Mapping[str, tuple[int, int]] | None = None,
         overwrite: bool = False,
+        image_codec: str = "lz4",
     ) -> "EpisodeStore":
         """Create an empty store. ``image_shapes`` maps every camera of ``spec`` to its ``(h, w)``.
 
@@ -75,6 +83,7 @@ class EpisodeStore:
         half-created store (and ``overwrite`` replaces an old one only once the new one is complete).
         """
         path = Path(path)
+        codec = _image_codec(image_codec)
         image_shapes = dict(image_shapes or {})
         if set(image_shapes) != set(spec.cameras):
             raise ValueError(
@@ -97,7 +106,7 @@ class EpisodeStore:
             imgs = data.create_group("images")
             for cam in spec.cameras:
                 h, w = (int(v) for v in image_shapes[cam])
-                imgs.create_array(cam, shape=(0, h, w, 3), chunks=(1, h, w, 3), dtype="uint8", compressors=_image_codec())
+                imgs.create_array(cam, shape=(0, h, w, 3), chunks=(1, h, w, 3), dtype="uint8", compressors=codec)
             meta = root.create_group("meta")
             meta.create_array("episode_ends", shape=(0,), chunks=(_META_CHUNK,), dtype="int64")
             meta.create_array("episode_task", shape=(0,), chunks=(_META_CHUNK,), dtype="int32")
