@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
 from helpers import toy_batch, toy_policy
-from test_policy import _two_mode_setup, mode_fractions, two_mode_batch
+from test_policy import mode_fractions, train_two_mode
 
 
 @pytest.mark.parametrize("opts", [{"objective": "diffusion"}, {"objective": "diffusion", "prediction": "sample"}, {"objective": "flow"}])
@@ -45,18 +44,8 @@ def test_bad_options():
 @pytest.mark.parametrize("objective, sampler", [("diffusion", "ddim"), ("diffusion", "dpmsolver"), ("flow", "ddim")])
 def test_dit_learns_both_modes(objective, sampler):
     H = 4
-    spec, space, stats = _two_mode_setup(H)
-    torch.manual_seed(0)
-    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head="dit", horizon=H,
-                                      head_options={"objective": objective, "sampler": sampler, "depth": 2, "hidden": 64, "num_steps": 10}), space, stats)
-    opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    policy.train()
-    for _ in range(300):
-        loss = policy.compute_loss(two_mode_batch(space, 32, H, g), generator=g)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    opts = {"objective": objective, "sampler": sampler, "depth": 2, "hidden": 64, "num_steps": 10}
+    policy, space, loss = train_two_mode("dit", opts, steps=300, H=H)
     up, down, middle = mode_fractions(policy, space, H)
     print(f"dit {objective}/{sampler} two-mode: +1 {up:.2f}, -1 {down:.2f}, near 0 {middle:.2f}, final loss {loss.item():.3f}")
     assert up >= 0.2 and down >= 0.2 and middle <= 0.1

@@ -167,20 +167,26 @@ def mode_fractions(policy, space, horizon, n=64):
     return float((chunk > 0.5).float().mean()), float((chunk < -0.5).float().mean()), float((chunk.abs() < 0.3).float().mean())
 
 
-@pytest.mark.slow
-def test_flow_expert_learns_both_modes():
-    H = 4
+def train_two_mode(head: str, head_options: dict | None = None, steps: int = 250, H: int = 4):
+    """Train a tiny policy on the two-mode task; returns (policy, space, last loss)."""
     spec, space, stats = _two_mode_setup(H)
     torch.manual_seed(0)
-    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head="flow_expert", horizon=H), space, stats)
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head=head, horizon=H, head_options=head_options or {}), space, stats)
     opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     policy.train()
-    for step in range(250):
+    for _ in range(steps):
         loss = policy.compute_loss(two_mode_batch(space, 32, H, g), generator=g)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return policy, space, loss
+
+
+@pytest.mark.slow
+def test_flow_expert_learns_both_modes():
+    H = 4
+    policy, space, loss = train_two_mode("flow_expert", steps=250, H=H)
     up, down, middle = mode_fractions(policy, space, H)
     print(f"flow_expert two-mode: +1 {up:.2f}, -1 {down:.2f}, near 0 {middle:.2f}, final loss {loss.item():.3f}")
     assert up >= 0.2 and down >= 0.2 and middle <= 0.1

@@ -18,8 +18,6 @@ trust only ``num_episodes``; the next append truncates anything an interrupted a
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from chunkpolicy.atomic import atomic_dir
 from chunkpolicy.normalize import compute_stats, stats_from_json, stats_to_json
 from chunkpolicy.spaces import EmbodimentSpec
 
@@ -96,9 +95,7 @@ class EpisodeStore:
             raise ValueError(f"fps must be positive, got {fps!r}")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-        try:
+        with atomic_dir(path) as tmp:
             root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             data = root.create_group("data")
             data.create_array("action", shape=(0, spec.action_dim), chunks=(_NUMERIC_CHUNK, max(spec.action_dim, 1)), dtype="float32")
@@ -121,16 +118,6 @@ class EpisodeStore:
                     "num_episodes": 0,
                 }
             )
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return cls(path, mode="a")
 
     @classmethod

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from chunkpolicy.atomic import atomic_file
 from chunkpolicy.evaluation.stats import wilson_interval
 
 
@@ -92,14 +92,6 @@ def bar_chart(summary: Mapping[str, dict], path: str | os.PathLike, title: str =
 def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
     """Write JSON to a temp file in the same folder, then rename (never a half-written results file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
     return path

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from chunkpolicy.atomic import atomic_file
 
 
 def write_mp4(frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLike, fps: float = 20.0) -> Path:
@@ -21,14 +22,6 @@ def write_mp4(frames: Sequence[np.ndarray] | np.ndarray, path: str | os.PathLike
     if h % 2 or w % 2:  # yuv420p needs even sizes
         arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         iio.imwrite(tmp, arr, plugin="pyav", codec="libx264", fps=fps, out_pixel_format="yuv420p")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path

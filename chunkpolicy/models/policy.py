@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +19,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from chunkpolicy.atomic import atomic_dir
 from chunkpolicy.models.backbone import Backbone, backbone_config
 from chunkpolicy.models.heads.base import build_head, head_config
 from chunkpolicy.models.tokenizer import build_char_tokenizer, load_tokenizer, tokenize_prompts
@@ -224,9 +224,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         from safetensors.torch import save_file
 
         dst = Path(save_directory)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-        try:
+        with atomic_dir(dst) as tmp:
             (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "policy": asdict(self.config)}, indent=2))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
@@ -238,16 +236,6 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
                 (tmp / "head").mkdir()
                 for name, text in extra.items():
                     (tmp / "head" / name).write_text(text)
-            if dst.exists():
-                old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-                os.replace(dst, old)
-                os.replace(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dst
 
     def _save_pretrained(self, save_directory: Path) -> None:  # used by the hub mixin's push_to_hub
