@@ -37,7 +37,8 @@ def _forward(module: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         import importlib
 
-        return int(importlib.import_module(module).main(argv) or 0)
+        rc = importlib.import_module(module).main(argv)
+        return rc if isinstance(rc, int) else 0  # some mains return a summary dict
 
     return run
 
@@ -45,7 +46,7 @@ def _forward(module: str) -> Callable[[list[str]], int]:
 FORWARDED = {
     "train": _forward("chunkpolicy.training.cli"),
     "eval": _forward("chunkpolicy.evaluation.cli"),
-    "collect": _forward("chunkpolicy.sim.cli"),
+    "collect": _forward("chunkpolicy.sim.collect"),
     "quickstart": _forward("chunkpolicy.quickstart"),
 }
 

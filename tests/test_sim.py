@@ -359,3 +359,11 @@ def test_collect_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown env"):
         collect("libero", ["x"], 1, tmp_path / "x.zarr", workers=0)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_collect_cli_help(capsys):
+    from chunkpolicy.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["collect", "--help"])
+    assert e.value.code == 0 and "--episodes" in capsys.readouterr().out
