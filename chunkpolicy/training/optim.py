@@ -1,0 +1,88 @@
+"""AdamW with decay/no-decay parameter groups, linear warmup + cosine decay, and pickle-free optimizer state.
+
+π0 defaults (REFERENCES.md): AdamW β=(0.9, 0.95), eps 1e-8, clip 1.0, warmup 1k, cosine 2.5e-5 → 2.5e-6.
+
+Schedule (``s`` = optimizer steps taken so far, so the first update uses ``s = 0``)::
+
+    s <  warmup:  lr · (s + 1) / (warmup + 1)
+    s >= warmup:  final + (lr − final) · ½ (1 + cos(π · min(1, (s − warmup) / max(1, total − warmup))))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in ``named_parameters`` order: matrices decay, biases / norm scales / 1-d do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("optimizer: the model has no trainable parameters (check posttrain.mode)")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-10,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; ``fused=None`` uses the fused kernel when every parameter is on CUDA."""
+    groups = param_groups(model, weight_decay)
+    if fused is None:
+        fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None)
+
+
+def lr_factor(step: int, warmup: int, total: int, lr: float, final_lr: float) -> float:
+    """Multiplier of the peak ``lr`` after ``step`` optimizer steps (see the module docstring)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (final_lr + (lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))) / lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, lr: float, final_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, lr, final_lr))
+
+
+# -- state without pickles ---------------------------------------------------------------------------------------
+def optimizer_state_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    """``optimizer.state_dict()`` → (flat tensors for safetensors, JSON of everything else)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in state_dict["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    meta = {"param_groups": state_dict["param_groups"], "scalars": scalars, "indices": [int(i) for i in state_dict["state"]]}
+    return tensors, json.dumps(meta)
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta_json: str) -> dict[str, Any]:
+    meta = json.loads(meta_json)
+    state: dict[int, dict[str, Any]] = {int(i): {} for i in meta["indices"]}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state[int(idx)][k] = v
+    for idx, d in meta["scalars"].items():
+        state[int(idx)].update(d)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
