@@ -55,7 +55,14 @@ def test_siglip_variant_with_dit():
     """The `siglip` variant: vision tower + light language embedding, no Gemma layers; the DiT cross-attends to it."""
     policy = toy_policy("dit", backbone_overrides={"variant": "siglip"}, head_options={"depth": 1, "hidden": 32})
     assert policy.backbone.num_layers == 0 and len(policy.backbone.layers) == 0
+    with torch.no_grad():  # adaLN-zero starts the head at 0: give it weights so the prefix matters
+        for p in list(policy.head.action_out.parameters()) + list(policy.head.blocks.parameters()):
+            p.normal_(0, 0.1)
     batch = toy_batch()
-    policy.compute_loss(batch)["loss"].backward()
-    assert policy.backbone.model.vision_tower.vision_model.embeddings.patch_embedding.weight.grad is not None
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    loss = policy.compute_loss(batch, g())["loss"]
+    other = policy.compute_loss(dict(batch, images=torch.rand_like(batch["images"])), g())["loss"]
+    assert loss.item() != other.item()  # the DiT sees the images through the siglip prefix
+    loss.backward()
+    assert policy.backbone.model.vision_tower.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     assert policy.eval().predict_chunk(batch, num_steps=2).shape == (3, 6, 3)
