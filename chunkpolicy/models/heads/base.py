@@ -11,6 +11,7 @@ unified actions ``[B, H, D]``:
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from dataclasses import fields, is_dataclass
 from typing import Any, Callable
 
@@ -21,20 +22,20 @@ HEADS = ("flow_expert", "dit", "tokens")
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
 
-class ActionHead(nn.Module):
+class ActionHead(nn.Module, ABC):
     """Base class; see the module docstring for the contract."""
 
     def __init__(self, cfg: Any, backbone: nn.Module, horizon: int, action_dim: int) -> None:
         super().__init__()
         self.cfg, self.horizon, self.action_dim = cfg, int(horizon), int(action_dim)
 
+    @abstractmethod
     def loss(self, backbone: nn.Module, prefix_out: Any, batch: dict[str, Any], *,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]: ...
 
+    @abstractmethod
     def sample(self, backbone: nn.Module, prefix_out: Any, batch: dict[str, Any], *, num_steps: int | None = None,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def register_head(name: str, config_cls: type) -> Callable[[type], type]:
