@@ -1,0 +1,185 @@
+"""``chunkpolicy eval`` / ``python eval.py``: closed-loop success of a checkpoint in a simulator.
+
+    python eval.py --checkpoint runs/tiny_flow/final --env metaworld --tasks push-v3,reach-v3 --episodes 20 \\
+        --executor temporal_ensemble:0.01 --baseline --out runs/eval
+
+Writes into ``--out``: ``results.json`` (per-task success with 95% Wilson intervals and the mean, every episode, the
+command), ``results.md`` (the table), ``success.png`` (bar chart) and ``videos/<method>_<task>_<k>.mp4``.
+``--baseline`` also evaluates a do-nothing policy on the same seeds, so the table shows what the policy adds.
+Executors: ``open_loop:K`` (run K actions, re-plan), ``temporal_ensemble:M`` (ACT, w_i = exp(-M·i), i = 0 the
+oldest prediction), ``rtc:S,D`` (real-time chunking, flow heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chunkpolicy eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="policy directory written by save_pretrained (e.g. runs/NAME/final)")
+    p.add_argument("--env", required=True, help="metaworld | fetch | pusht")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (metaworld: MT10 / MT50 allowed)")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
+    p.add_argument("--executor", default="open_loop:8", help="open_loop:K | temporal_ensemble:M | rtc:S,D (default open_loop:8)")
+    p.add_argument("--num-envs", type=int, default=4, help="envs stepped in lockstep per batch (default 4)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes for rollouts (0: this process)")
+    p.add_argument("--seed", type=int, default=None, help="first episode seed (default 100000: held out from collection)")
+    p.add_argument("--image-size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"), help="as the training data")
+    p.add_argument("--max-steps", type=int, default=None, help="episode limit (default: the env's)")
+    p.add_argument("--num-steps", type=int, default=None, help="denoising / integration steps (default: the head's)")
+    p.add_argument("--baseline", action="store_true", help="also evaluate a do-nothing policy on the same seeds")
+    p.add_argument("--baseline-only", action="store_true", help="evaluate only the do-nothing policy (no checkpoint)")
+    p.add_argument("--videos", type=int, default=1, help="episodes per task and method saved as MP4 (default 1)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _tasks(env: str, arg: str) -> list[str]:
+    tasks = [t.strip() for t in arg.split(",") if t.strip()]
+    if env == "metaworld" and len(tasks) == 1 and tasks[0].upper() in ("MT10", "MT50"):
+        from chunkpolicy.sim import metaworld_env
+
+        return list(getattr(metaworld_env, tasks[0].upper()))
+    return tasks
+
+
+def run_eval(
+    checkpoint: str | os.PathLike | None,
+    env: str,
+    tasks: Sequence[str],
+    *,
+    episodes: int = 10,
+    executor: str = "open_loop:8",
+    num_envs: int = 4,
+    workers: int = 0,
+    seed: int | None = None,
+    image_size: tuple[int, int] = (64, 64),
+    max_steps: int | None = None,
+    num_steps: int | None = None,
+    baseline: bool = False,
+    videos: int = 1,
+    device: str | None = None,
+    out: str | os.PathLike = "runs/eval",
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint (and/or the do-nothing baseline) and write the report; returns the results dict.
+
+    ``checkpoint=None`` evaluates the baseline only. Raises ``ValueError`` before any rollout if the env's
+    embodiment is not one the policy was trained on."""
+    import torch
+
+    from chunkpolicy.evaluation.report import bar_chart, markdown_table, summarize, write_json_atomic
+    from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_embodiment, evaluate
+    from chunkpolicy.evaluation.video import write_mp4
+    from chunkpolicy.runtime.executors import make_executor
+    from chunkpolicy.sim.base import env_check_task, env_spec, setup_headless_gl
+
+    setup_headless_gl()
+    if checkpoint is None and not baseline:
+        raise ValueError("checkpoint: give --checkpoint, or --baseline-only to evaluate the do-nothing baseline")
+    tasks = [env_check_task(env, t) for t in tasks]  # unknown env or task: an error before anything starts
+    if not tasks:
+        raise ValueError("tasks: expected at least one task")
+    seed = EVAL_SEED if seed is None else int(seed)
+    out = Path(out)
+    env_kwargs: dict[str, Any] = {"image_size": tuple(int(x) for x in image_size)}
+    if max_steps is not None:
+        env_kwargs["max_steps"] = int(max_steps)
+    ex_spec = make_executor(executor).spec()
+
+    methods: list[Method] = []
+    horizon = 50
+    if checkpoint is not None:
+        from chunkpolicy.models.policy import ChunkPolicy
+
+        dev = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        policy = ChunkPolicy.from_pretrained(checkpoint, map_location="cpu")  # fails early on a bad checkpoint
+        spec = check_embodiment(policy, env, env_kwargs)
+        env_kwargs["cameras"] = tuple(spec.cameras)
+        horizon = policy.config.horizon
+        if ex_spec.startswith("rtc") and not hasattr(policy.head, "velocity"):
+            raise ValueError(f"executor: rtc needs a flow head; this checkpoint's head is {policy.config.head!r}")
+        del policy
+        methods.append(Method("policy", str(checkpoint), horizon, num_steps, ex_spec.startswith("rtc"), dev))
+    if baseline:
+        methods.append(Method("do-nothing", None, horizon))
+    spec = env_spec(env, **{k: v for k, v in env_kwargs.items() if k == "cameras"})
+
+    per_method: dict[str, dict[str, list[bool]]] = {}
+    records: dict[str, list[dict]] = {}
+    video_paths: list[str] = []
+    wall: dict[str, float] = {}
+    for m in methods:
+        res = evaluate(m, env, tasks, episodes, executor, num_envs=num_envs, workers=workers, seed=seed,
+                       video_episodes=videos, env_kwargs=env_kwargs, progress=progress)
+        records[m.name], wall[m.name] = res["episodes"], res["wall_s"]
+        per_method[m.name] = {t: [r["success"] for r in res["episodes"] if r["task"] == t] for t in tasks}
+        for task, clips in res["videos"].items():
+            for k, frames in enumerate(clips):
+                if frames:
+                    p = write_mp4(frames, out / "videos" / f"{m.name}_{task}_{k}.mp4", fps=min(spec.control_hz, 30.0))
+                    video_paths.append(str(p))
+
+    summary = summarize(per_method)
+    table = markdown_table(summary)
+    plot = bar_chart(summary, out / "success.png",
+                     title=f"{env}: success rate, 95% Wilson CI ({episodes} episodes/task, {ex_spec})")
+    results = {
+        "command": command, "checkpoint": None if checkpoint is None else str(checkpoint), "env": env,
+        "tasks": list(tasks), "episodes_per_task": episodes, "executor": ex_spec, "seed": seed,
+        "env_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in env_kwargs.items()},
+        "summary": summary, "episodes": records, "wall_s": wall, "videos": video_paths, "plot": str(plot),
+    }
+    write_json_atomic(results, out / "results.json")
+    (out / "results.md").write_text(table + "\n")
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    from chunkpolicy.evaluation.report import markdown_table
+
+    s = results["summary"]
+    lines = [f"{results['env']} · {results['episodes_per_task']} episodes/task · executor {results['executor']} · "
+             f"seeds from {results['seed']}", markdown_table(s)]
+    if "policy" in s and "do-nothing" in s:
+        d = s["policy"]["mean"]["rate"] - s["do-nothing"]["mean"]["rate"]
+        lines.append(f"policy − do-nothing: {100 * d:+.0f} points (mean success)")
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in results["wall_s"].items())
+    out = Path(results["plot"]).parent
+    lines.append(f"wall: {times}. Saved {out}/results.json, results.md, success.png and {len(results['videos'])} videos.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.baseline_only and a.checkpoint:
+        print("chunkpolicy eval: error: --baseline-only takes no --checkpoint", file=sys.stderr)
+        return 2
+    try:
+        results = run_eval(None if a.baseline_only else a.checkpoint, a.env, _tasks(a.env, a.tasks),
+                           episodes=a.episodes, executor=a.executor, num_envs=a.num_envs, workers=a.workers, seed=a.seed,
+                           image_size=tuple(a.image_size), max_steps=a.max_steps, num_steps=a.num_steps,
+                           baseline=a.baseline or a.baseline_only, videos=a.videos, device=a.device, out=a.out,
+                           progress=not a.no_progress, command="chunkpolicy eval " + shlex.join(argv))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"chunkpolicy eval: error: {msg}", file=sys.stderr)
+        return 2
+    print(format_results(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

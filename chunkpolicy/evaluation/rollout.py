@@ -1,0 +1,261 @@
+"""Closed-loop evaluation: roll a policy (or a do-nothing baseline) out in a simulator with a chunk executor.
+
+The pieces, each usable on its own:
+
+* :func:`check_embodiment` — the env's embodiment must be one the policy was trained on, with the same action/state
+  names and cameras; otherwise a ``ValueError`` that says what differs.
+* :func:`policy_predict_fn` — ``predict_fn(list of B env obs, **executor_kwargs) -> [B, H, A]`` (robot units) for the
+  executors of :mod:`chunkpolicy.runtime`; keeps the observation history when the policy uses ``T_obs > 1``.
+* :func:`do_nothing_predict_fn` — the baseline: zero motion for relative action dims, hold the current state for
+  absolute dims that have a same-named state dim.
+* :func:`run_batch` — one lockstep batch of episodes of one task (the unit of work, in this or a worker process).
+* :func:`evaluate` — per task, ``episodes`` rollouts in lockstep batches of ``num_envs`` envs (seeds
+  ``seed + episode index``, disjoint from the collection seeds by default), optionally spread over worker processes,
+  with a progress bar; returns per-episode records and the camera frames of the first ``video_episodes`` episodes of
+  each task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from chunkpolicy import batch as K
+from chunkpolicy.runtime import rtc as _rtc  # noqa: F401  (registers the "rtc" executor)
+from chunkpolicy.runtime.executors import make_executor
+from chunkpolicy.sim.base import EnvPool, Obs, env_check_task, env_spec, make_env, obs_to_batch
+from chunkpolicy.spaces import EmbodimentSpec
+
+__all__ = ["Method", "check_embodiment", "policy_predict_fn", "do_nothing_predict_fn", "run_batch", "evaluate", "frame_of",
+           "EVAL_SEED"]
+
+EVAL_SEED = 100_000  # far above the seeds `collect` uses (0, 1, ...): evaluation scenes are held out by default
+
+
+def check_embodiment(policy: Any, env_name: str, env_kwargs: dict[str, Any] | None = None) -> EmbodimentSpec:
+    """The policy's spec for ``env_name``'s embodiment; a ``ValueError`` naming the mismatch if it has none.
+
+    Cameras default to the ones the policy was trained with (``env_kwargs["cameras"]`` may override them, but must
+    then match too)."""
+    probe = env_spec(env_name, **{k: v for k, v in (env_kwargs or {}).items() if k == "cameras"})
+    known = [e.name for e in policy.space.embodiments]
+    if probe.name not in known:
+        raise ValueError(f"embodiment: env {env_name!r} is embodiment {probe.name!r}, but the policy was trained on "
+                         f"{known}; evaluate it on an env of one of those embodiments")
+    spec = policy.space.spec(policy.space.id_of(probe.name))
+    for field in ("action_names", "state_names"):
+        if tuple(getattr(spec, field)) != tuple(getattr(probe, field)):
+            raise ValueError(f"embodiment {probe.name!r}: {field} differ between the policy {list(getattr(spec, field))} "
+                             f"and env {env_name!r} {list(getattr(probe, field))}")
+    if env_kwargs and "cameras" in env_kwargs and tuple(env_kwargs["cameras"]) != tuple(spec.cameras):
+        raise ValueError(f"cameras: the policy was trained on {list(spec.cameras)}, asked for {list(env_kwargs['cameras'])}")
+    return spec
+
+
+def _history_batch(history: Sequence[list[Obs]], policy: Any, spec: EmbodimentSpec, prompts: list[str]) -> dict:
+    """Stack ``T`` per-tick observation lists (oldest first) into one batch with ``T_obs = T``."""
+    parts = [obs_to_batch(obs, policy.space, spec, prompts) for obs in history]
+    batch = dict(parts[-1])
+    if len(parts) > 1:
+        batch[K.IMAGES] = torch.cat([p[K.IMAGES] for p in parts], dim=2)  # [B, N, T, 3, h, w]
+        batch[K.STATE] = torch.cat([p[K.STATE] for p in parts], dim=1)  # [B, T, D]
+    return {k: v.to(policy.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, num_steps: int | None = None,
+                      seed: int = 0, rtc: bool = False) -> tuple[Callable[..., torch.Tensor], Callable[[int, list[Obs]], None]]:
+    """``(predict_fn, on_step)`` for :meth:`EnvPool.rollout`.
+
+    ``on_step`` records every tick's observations (needed for ``T_obs > 1``: the policy sees the last ``T_obs`` ticks,
+    the first one repeated at the episode start). ``predict_fn(obs, prefix=None, prefix_len=0)`` returns
+    ``[B, H, A]`` in robot units; ``prefix``/``prefix_len`` are used by the ``rtc`` executor (flow heads only)."""
+    T = int(policy.config.n_obs_steps)
+    history: deque[list[Obs]] = deque(maxlen=T)
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    guided = _rtc.rtc_predict_fn(policy, num_steps=num_steps, generator=gen) if rtc else None
+
+    def on_step(t: int, obs: list[Obs]) -> None:
+        if t == 0:
+            history.clear()
+            history.extend([obs] * T)
+        else:
+            history.append(obs)
+
+    @torch.no_grad()
+    def predict(obs: list[Obs], prefix: Any = None, prefix_len: int = 0) -> torch.Tensor:
+        if not history:  # called without on_step: single-frame history
+            on_step(0, obs)
+        batch = _history_batch(list(history), policy, spec, prompts)
+        if guided is not None:
+            return guided(batch, prefix=prefix, prefix_len=prefix_len)
+        return policy.predict_chunk(batch, spec.name, num_steps=num_steps, generator=gen)
+
+    return predict, on_step
+
+
+def do_nothing_predict_fn(spec: EmbodimentSpec, horizon: int) -> Callable[..., np.ndarray]:
+    """Baseline ``predict_fn``: chunks ``[B, H, A]`` that keep the robot still.
+
+    Relative action dims are 0 (no displacement / velocity); an absolute action dim with a same-named state dim holds
+    the current state value; other absolute dims (e.g. a gripper command) are 0."""
+    absolute = set(spec.absolute_dims)
+    hold = [(i, spec.state_names.index(n)) for i, n in enumerate(spec.action_names)
+            if n in absolute and n in spec.state_names]
+
+    def predict(obs: list[Obs], **_: Any) -> np.ndarray:
+        out = np.zeros((len(obs), horizon, spec.action_dim), dtype=np.float32)
+        for b, o in enumerate(obs):
+            for a, s in hold:
+                out[b, :, a] = o["state"][s]
+        return out
+
+    return predict
+
+
+def frame_of(obs: Obs, cameras: Sequence[str], scale: int = 4) -> np.ndarray:
+    """One video frame ``uint8 [h*scale, N*w*scale, 3]``: the cameras side by side, upscaled (nearest) for viewing."""
+    row = np.concatenate([obs["images"][c] for c in cameras], axis=1)
+    return row.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else row
+
+
+@dataclass(frozen=True)
+class Method:
+    """What to evaluate, in a form worker processes can rebuild: a checkpoint, or the do-nothing baseline."""
+
+    name: str  # label in the report ("policy", "do-nothing", ...)
+    checkpoint: str | None = None  # None: do-nothing
+    horizon: int = 50  # do-nothing chunk length
+    num_steps: int | None = None
+    rtc: bool = False
+    device: str = "cpu"
+
+
+_POLICIES: dict[tuple[str, str], Any] = {}  # per process: checkpoint → loaded policy
+_ENVS: dict[tuple[str, str, str], list[Any]] = {}  # per process: (env, task, options) → built envs, reused
+
+
+def _load_policy(checkpoint: str, device: str) -> Any:
+    key = (checkpoint, device)
+    if key not in _POLICIES:
+        from chunkpolicy.models.policy import ChunkPolicy
+
+        _POLICIES[key] = ChunkPolicy.from_pretrained(checkpoint, map_location=device).to(device).eval()
+    return _POLICIES[key]
+
+
+def _envs(env_name: str, task: str, n: int, env_kwargs: dict[str, Any]) -> list[Any]:
+    key = (env_name, task, repr(sorted(env_kwargs.items())))
+    envs = _ENVS.setdefault(key, [])
+    while len(envs) < n:
+        envs.append(make_env(env_name, task, **env_kwargs))
+    return envs[:n]
+
+
+def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], executor: str,
+              env_kwargs: dict[str, Any], n_video: int = 0) -> tuple[list[dict[str, Any]], list[list[np.ndarray]]]:
+    """One lockstep batch: ``len(seeds)`` episodes of ``task``. Returns the episode records and the frames of the
+    first ``n_video`` envs. The policy's noise generator is seeded with ``seeds[0]``, so a batch gives the same result
+    wherever (and in whichever worker) it runs."""
+    pool = EnvPool(_envs(env_name, task, len(seeds), env_kwargs))
+    if method.checkpoint is None:
+        predict_fn, hook = do_nothing_predict_fn(pool.spec, method.horizon), None
+    else:
+        policy = _load_policy(method.checkpoint, method.device)
+        predict_fn, hook = policy_predict_fn(policy, pool.spec, pool.prompts, num_steps=method.num_steps,
+                                             seed=int(seeds[0]), rtc=method.rtc)
+    frames: list[list[np.ndarray]] = [[] for _ in range(min(n_video, len(seeds)))]
+    cams = pool.spec.cameras
+
+    def on_step(t: int, obs: list[Obs]) -> None:
+        if hook is not None:
+            hook(t, obs)
+        for i, f in enumerate(frames):
+            if t == 0 or not pool.dones[i]:
+                f.append(frame_of(obs[i], cams))
+
+    ex = make_executor(executor)
+    records = pool.rollout(predict_fn, ex, seeds, on_step=on_step)
+    for r in records:
+        r["predictions"] = ex.num_predictions
+    return records, frames
+
+
+def _job(args: tuple) -> tuple[int, list[dict[str, Any]], list[list[np.ndarray]]]:
+    idx, *rest = args
+    return (idx, *run_batch(*rest))
+
+
+def _worker_init() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)  # one core per worker: workers, not threads, are the parallelism here
+
+
+def evaluate(
+    method: Method,
+    env_name: str,
+    tasks: Sequence[str],
+    episodes: int,
+    executor: str,
+    *,
+    num_envs: int = 4,
+    workers: int = 0,
+    seed: int = EVAL_SEED,
+    video_episodes: int = 1,
+    env_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Roll out ``episodes`` episodes per task; returns ``{"episodes": [...], "videos": {task: [frames]}, "wall_s"}``.
+
+    Episodes ``seed + k`` (k = 0 .. episodes-1) run in lockstep batches of ``num_envs``; ``workers > 0`` spreads the
+    batches over that many spawned processes (each with one torch thread). Results do not depend on ``workers``.
+    Episode record: ``task, seed, success, steps, return, predictions``.
+    """
+    import multiprocessing as mp
+
+    from tqdm.auto import tqdm
+
+    if episodes < 1 or num_envs < 1 or workers < 0:
+        raise ValueError(f"need episodes >= 1, num_envs >= 1, workers >= 0; got {episodes}, {num_envs}, {workers}")
+    tasks = [env_check_task(env_name, t) for t in tasks]
+    make_executor(executor)  # a bad spec fails before any simulator starts
+    env_kwargs = dict(env_kwargs or {})
+    jobs = []
+    for task in tasks:
+        for start in range(0, episodes, num_envs):
+            seeds = [seed + k for k in range(start, min(episodes, start + num_envs))]
+            jobs.append((len(jobs), method, env_name, task, seeds, executor, env_kwargs, max(0, video_episodes - start)))
+    out: list[Any] = [None] * len(jobs)
+    t0 = time.perf_counter()
+    bar = tqdm(total=episodes * len(tasks), desc=f"eval {method.name}", unit="ep", disable=not progress,
+               dynamic_ncols=True)
+    pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init) if workers else None
+    try:
+        results = pool.imap_unordered(_job, jobs) if pool is not None else map(_job, jobs)
+        done: list[dict[str, Any]] = []
+        for idx, records, frames in results:
+            out[idx] = (records, frames)
+            done += records
+            bar.set_postfix(success=f"{sum(r['success'] for r in done)}/{len(done)}", refresh=False)
+            bar.update(len(records))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        else:  # in-process run: free the simulators it built
+            for envs in _ENVS.values():
+                for e in envs:
+                    e.close()
+            _ENVS.clear()
+    episodes_out = [r for records, _ in out for r in records]
+    videos: dict[str, list[list[np.ndarray]]] = {}
+    for job, (_, frames) in zip(jobs, out):
+        videos.setdefault(job[3], []).extend(frames)
+    return {"episodes": episodes_out, "videos": videos, "wall_s": time.perf_counter() - t0}

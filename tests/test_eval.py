@@ -1,0 +1,130 @@
+"""eval.py / chunkpolicy eval: closed-loop rollouts of a checkpoint and the do-nothing baseline, reports, errors.
+
+Tiny random policies and a few short Meta-World episodes; needs the `sim` extra (skips with the reason otherwise).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chunkpolicy.evaluation.cli import main as eval_main
+from chunkpolicy.evaluation.cli import run_eval
+from chunkpolicy.evaluation.rollout import Method, do_nothing_predict_fn, evaluate, policy_predict_fn
+from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
+from chunkpolicy.normalize import compute_stats
+from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
+from helpers import toy_policy
+
+pytest.importorskip("metaworld", reason="`metaworld` is not installed (install the `sim` extra)")
+
+from chunkpolicy.sim.base import env_spec, make_env  # noqa: E402
+
+HW = (32, 32)
+
+
+def _mw_policy(tmp_path, n_obs_steps: int = 1, horizon: int = 4):
+    spec = env_spec("metaworld")
+    rng = np.random.default_rng(0)
+    stats = {spec.name: {"action": compute_stats(rng.uniform(-1, 1, (100, 4))),
+                         "state": compute_stats(rng.uniform(0, 1, (100, 4)))}}
+    torch.manual_seed(0)
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", horizon=horizon, n_obs_steps=n_obs_steps, max_prompt_tokens=32),
+                         UnifiedSpace(32, "pad", embodiments=[spec]), stats)
+    return policy, policy.save_pretrained(tmp_path / f"ckpt_t{n_obs_steps}")
+
+
+def test_end_to_end_report_files_and_baseline(tmp_path):
+    _, ckpt = _mw_policy(tmp_path)
+    out = tmp_path / "eval"
+    res = run_eval(ckpt, "metaworld", ["reach-v3", "button-press-v3"], episodes=3, executor="open_loop:2", num_envs=2,
+                   image_size=HW, max_steps=6, baseline=True, videos=1, out=out, progress=False, device="cpu")
+    s = res["summary"]
+    assert set(s) == {"policy", "do-nothing"}
+    for m in s:
+        assert [s[m]["tasks"][t]["n"] for t in ("reach-v3", "button-press-v3")] == [3, 3]
+        assert s[m]["mean"]["n"] == 6
+    # seeds are the held-out evaluation seeds, one per episode, shared by both methods
+    seeds = [r["seed"] for r in res["episodes"]["policy"]]
+    assert seeds == [r["seed"] for r in res["episodes"]["do-nothing"]] == [100000, 100001, 100002] * 2
+    # open_loop:2 over 6 steps re-plans 3 times; the baseline ran every step of every episode (nothing succeeds)
+    assert all(r["predictions"] == 3 for r in res["episodes"]["policy"])
+    assert all(r["steps"] == 6 and not r["success"] for r in res["episodes"]["do-nothing"])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(s)) and saved["executor"] == "open_loop:2"
+    assert "| reach-v3 |" in (out / "results.md").read_text()
+    assert (out / "success.png").stat().st_size > 1000
+    vids = sorted(p.name for p in (out / "videos").iterdir())
+    assert vids == ["do-nothing_button-press-v3_0.mp4", "do-nothing_reach-v3_0.mp4",
+                    "policy_button-press-v3_0.mp4", "policy_reach-v3_0.mp4"]
+
+
+def test_workers_give_the_same_episodes(tmp_path):
+    _, ckpt = _mw_policy(tmp_path)
+    kw = dict(num_envs=2, video_episodes=0, env_kwargs={"image_size": HW, "max_steps": 5}, progress=False)
+    m = Method("policy", str(ckpt), horizon=4)
+    a = evaluate(m, "metaworld", ["reach-v3"], 3, "temporal_ensemble:0.1", workers=0, **kw)["episodes"]
+    b = evaluate(m, "metaworld", ["reach-v3"], 3, "temporal_ensemble:0.1", workers=1, **kw)["episodes"]
+    assert a == b and len(a) == 3
+
+
+def test_history_for_two_obs_steps(tmp_path):
+    policy, _ = _mw_policy(tmp_path, n_obs_steps=2)
+    env = make_env("metaworld", "reach-v3", image_size=HW, max_steps=4)
+    seen = []
+    orig = policy.predict_chunk
+
+    def spy(batch, *a, **k):
+        seen.append((tuple(batch["images"].shape), tuple(batch["state"].shape), batch["state"][0, :, 0].tolist()))
+        return orig(batch, *a, **k)
+
+    policy.predict_chunk = spy
+    predict, on_step = policy_predict_fn(policy, env.spec, [env.task_prompt])
+    o0 = env.reset(1)
+    on_step(0, [o0])
+    predict([o0])
+    o1, *_ = env.step(np.array([1.0, 0, 0, 0]))
+    on_step(1, [o1])
+    predict([o1])
+    env.close()
+    # [B, N, T, 3, h, w] / [B, T, D]; the first call repeats the first frame, the second sees (t0, t1)
+    assert seen[0][:2] == ((1, 2, 2, 3, *HW), (1, 2, 32)) and seen[1][:2] == ((1, 2, 2, 3, *HW), (1, 2, 32))
+    x0, x1 = float(o0["state"][0]), float(o1["state"][0])
+    assert seen[0][2] == pytest.approx([x0, x0]) and seen[1][2] == pytest.approx([x0, x1])
+    assert x1 != x0
+
+
+def test_do_nothing_holds_absolute_dims():
+    spec = EmbodimentSpec("pt", ("agent_x", "agent_y", "push"), ("agent_x", "agent_y"), ("top",), 10.0,
+                          absolute_dims=("agent_x", "agent_y"))
+    obs = [{"images": {}, "state": np.array([3.0, -2.0], np.float32)},
+           {"images": {}, "state": np.array([7.0, 5.0], np.float32)}]
+    chunk = do_nothing_predict_fn(spec, horizon=5)(obs)
+    assert chunk.shape == (2, 5, 3)
+    np.testing.assert_array_equal(chunk[:, :, 0], [[3.0] * 5, [7.0] * 5])
+    np.testing.assert_array_equal(chunk[:, :, 1], [[-2.0] * 5, [5.0] * 5])
+    np.testing.assert_array_equal(chunk[:, :, 2], 0.0)
+    rel = do_nothing_predict_fn(env_spec("metaworld"), horizon=3)([{"images": {}, "state": np.ones(4, np.float32)}])
+    np.testing.assert_array_equal(rel, np.zeros((1, 3, 4)))
+
+
+def test_wrong_embodiment_is_one_clear_error(tmp_path, capsys):
+    ckpt = toy_policy(horizon=4).save_pretrained(tmp_path / "toy")
+    with pytest.raises(ValueError, match=r"embodiment.*'metaworld_sawyer'.*\['toy'\]"):
+        run_eval(ckpt, "metaworld", ["reach-v3"], episodes=1, out=tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists()  # nothing written
+    rc = eval_main(["--checkpoint", str(ckpt), "--env", "metaworld", "--tasks", "reach-v3", "--out", str(tmp_path / "e")])
+    assert rc == 2 and "trained on ['toy']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--env", "metaworld", "--tasks", "no-such-v3", "--baseline-only"], "unknown Meta-World task"),
+    (["--env", "atari", "--tasks", "pong", "--baseline-only"], "unknown env 'atari'"),
+    (["--env", "metaworld", "--tasks", "reach-v3", "--baseline-only", "--executor", "greedy"], "unknown executor"),
+    (["--env", "metaworld", "--tasks", "reach-v3"], "--checkpoint"),
+    (["--env", "metaworld", "--tasks", "reach-v3", "--checkpoint", "/nonexistent/ckpt"], "not a chunkpolicy checkpoint"),
+])
+def test_cli_errors(tmp_path, capsys, args, msg):
+    assert eval_main(args + ["--out", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert msg in capsys.readouterr().err
