@@ -32,7 +32,7 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _forward(module: str) -> Callable[[list[str]], int]:
-    """Subcommands that own their argument parsing (train, eval, collect, quickstart)."""
+    """Subcommands that own their argument parsing (train, eval, collect, quickstart, tour)."""
 
     def run(argv: list[str]) -> int:
         import importlib
@@ -48,6 +48,7 @@ FORWARDED = {
     "eval": _forward("chunkpolicy.evaluation.cli"),
     "collect": _forward("chunkpolicy.sim.collect"),
     "quickstart": _forward("chunkpolicy.quickstart"),
+    "tour": _forward("chunkpolicy.tour"),
 }
 
 

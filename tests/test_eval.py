@@ -64,9 +64,12 @@ def test_workers_give_the_same_episodes(tmp_path):
     _, ckpt = _mw_policy(tmp_path)
     kw = dict(num_envs=2, video_episodes=0, env_kwargs={"image_size": HW, "max_steps": 5}, progress=False)
     m = Method("policy", str(ckpt), horizon=4)
-    a = evaluate(m, "metaworld", ["reach-v3"], 3, "temporal_ensemble:0.1", workers=0, **kw)["episodes"]
-    b = evaluate(m, "metaworld", ["reach-v3"], 3, "temporal_ensemble:0.1", workers=1, **kw)["episodes"]
-    assert a == b and len(a) == 3
+    base = Method("do-nothing", None, horizon=4)
+    a = evaluate([m, base], "metaworld", ["reach-v3"], 3, "temporal_ensemble:0.1", workers=0, **kw)
+    b = evaluate([m, base], "metaworld", ["reach-v3"], 3, "temporal_ensemble:0.1", workers=2, **kw)
+    for name in ("policy", "do-nothing"):
+        assert a[name]["episodes"] == b[name]["episodes"] and len(a[name]["episodes"]) == 3
+    assert a["policy"]["episodes"] != a["do-nothing"]["episodes"]  # the policy moved the arm
 
 
 def test_history_for_two_obs_steps(tmp_path):

@@ -118,15 +118,15 @@ def run_eval(
     records: dict[str, list[dict]] = {}
     video_paths: list[str] = []
     wall: dict[str, float] = {}
-    for m in methods:
-        res = evaluate(m, env, tasks, episodes, executor, num_envs=num_envs, workers=workers, seed=seed,
+    all_res = evaluate(methods, env, tasks, episodes, executor, num_envs=num_envs, workers=workers, seed=seed,
                        video_episodes=videos, env_kwargs=env_kwargs, progress=progress)
-        records[m.name], wall[m.name] = res["episodes"], res["wall_s"]
-        per_method[m.name] = {t: [r["success"] for r in res["episodes"] if r["task"] == t] for t in tasks}
+    for name, res in all_res.items():
+        records[name], wall[name] = res["episodes"], res["wall_s"]
+        per_method[name] = {t: [r["success"] for r in res["episodes"] if r["task"] == t] for t in tasks}
         for task, clips in res["videos"].items():
             for k, frames in enumerate(clips):
                 if frames:
-                    p = write_mp4(frames, out / "videos" / f"{m.name}_{task}_{k}.mp4", fps=min(spec.control_hz, 30.0))
+                    p = write_mp4(frames, out / "videos" / f"{name}_{task}_{k}.mp4", fps=min(spec.control_hz, 30.0))
                     video_paths.append(str(p))
 
     summary = summarize(per_method)
@@ -137,7 +137,7 @@ def run_eval(
         "command": command, "checkpoint": None if checkpoint is None else str(checkpoint), "env": env,
         "tasks": list(tasks), "episodes_per_task": episodes, "executor": ex_spec, "seed": seed,
         "env_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in env_kwargs.items()},
-        "summary": summary, "episodes": records, "wall_s": wall, "videos": video_paths, "plot": str(plot),
+        "summary": summary, "episodes": records, "rollout_s": wall, "videos": video_paths, "plot": str(plot),
     }
     write_json_atomic(results, out / "results.json")
     (out / "results.md").write_text(table + "\n")
@@ -153,9 +153,9 @@ def format_results(results: dict[str, Any]) -> str:
     if "policy" in s and "do-nothing" in s:
         d = s["policy"]["mean"]["rate"] - s["do-nothing"]["mean"]["rate"]
         lines.append(f"policy − do-nothing: {100 * d:+.0f} points (mean success)")
-    times = ", ".join(f"{k} {v:.0f}s" for k, v in results["wall_s"].items())
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in results["rollout_s"].items())  # summed over workers
     out = Path(results["plot"]).parent
-    lines.append(f"wall: {times}. Saved {out}/results.json, results.md, success.png and {len(results['videos'])} videos.")
+    lines.append(f"rollout time: {times}. Saved {out}/results.json, results.md, success.png and {len(results['videos'])} videos.")
     return "\n".join(lines)
 
 

@@ -185,9 +185,11 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
     return records, frames
 
 
-def _job(args: tuple) -> tuple[int, list[dict[str, Any]], list[list[np.ndarray]]]:
+def _job(args: tuple) -> tuple[int, list[dict[str, Any]], list[list[np.ndarray]], float]:
     idx, *rest = args
-    return (idx, *run_batch(*rest))
+    t0 = time.perf_counter()
+    records, frames = run_batch(*rest)
+    return idx, records, frames, time.perf_counter() - t0
 
 
 def _worker_init() -> None:
@@ -198,7 +200,7 @@ def _worker_init() -> None:
 
 
 def evaluate(
-    method: Method,
+    methods: Method | Sequence[Method],
     env_name: str,
     tasks: Sequence[str],
     episodes: int,
@@ -210,39 +212,45 @@ def evaluate(
     video_episodes: int = 1,
     env_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Roll out ``episodes`` episodes per task; returns ``{"episodes": [...], "videos": {task: [frames]}, "wall_s"}``.
+) -> dict[str, dict[str, Any]]:
+    """Roll out ``episodes`` episodes per task for every method, on the same seeds.
 
     Episodes ``seed + k`` (k = 0 .. episodes-1) run in lockstep batches of ``num_envs``; ``workers > 0`` spreads the
-    batches over that many spawned processes (each with one torch thread). Results do not depend on ``workers``.
-    Episode record: ``task, seed, success, steps, return, predictions``.
+    batches of all methods over one pool of that many spawned processes (one torch thread each). Results do not depend
+    on ``workers``. Returns ``{method name: {"episodes": [...], "videos": {task: [frames]}, "wall_s"}}`` with episode
+    records ``task, seed, success, steps, return, predictions``; ``wall_s`` is the sum of the method's batch times.
     """
     import multiprocessing as mp
 
     from tqdm.auto import tqdm
 
+    methods = [methods] if isinstance(methods, Method) else list(methods)
     if episodes < 1 or num_envs < 1 or workers < 0:
         raise ValueError(f"need episodes >= 1, num_envs >= 1, workers >= 0; got {episodes}, {num_envs}, {workers}")
+    if not methods or len({m.name for m in methods}) != len(methods):
+        raise ValueError(f"methods: expected at least one, with distinct names; got {[m.name for m in methods]}")
     tasks = [env_check_task(env_name, t) for t in tasks]
     make_executor(executor)  # a bad spec fails before any simulator starts
     env_kwargs = dict(env_kwargs or {})
     jobs = []
-    for task in tasks:
-        for start in range(0, episodes, num_envs):
-            seeds = [seed + k for k in range(start, min(episodes, start + num_envs))]
-            jobs.append((len(jobs), method, env_name, task, seeds, executor, env_kwargs, max(0, video_episodes - start)))
+    for m in methods:
+        for task in tasks:
+            for start in range(0, episodes, num_envs):
+                seeds = [seed + k for k in range(start, min(episodes, start + num_envs))]
+                jobs.append((len(jobs), m, env_name, task, seeds, executor, env_kwargs, max(0, video_episodes - start)))
     out: list[Any] = [None] * len(jobs)
-    t0 = time.perf_counter()
-    bar = tqdm(total=episodes * len(tasks), desc=f"eval {method.name}", unit="ep", disable=not progress,
-               dynamic_ncols=True)
+    ok = {m.name: [0, 0] for m in methods}
+    bar = tqdm(total=len(methods) * episodes * len(tasks), desc=f"eval {', '.join(ok)}", unit="ep",
+               disable=not progress, dynamic_ncols=True)
     pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_init) if workers else None
     try:
         results = pool.imap_unordered(_job, jobs) if pool is not None else map(_job, jobs)
-        done: list[dict[str, Any]] = []
-        for idx, records, frames in results:
-            out[idx] = (records, frames)
-            done += records
-            bar.set_postfix(success=f"{sum(r['success'] for r in done)}/{len(done)}", refresh=False)
+        for idx, records, frames, wall in results:
+            out[idx] = (records, frames, wall)
+            tally = ok[jobs[idx][1].name]
+            tally[0] += sum(r["success"] for r in records)
+            tally[1] += len(records)
+            bar.set_postfix_str(" ".join(f"{k} {s}/{n}" for k, (s, n) in ok.items()), refresh=False)
             bar.update(len(records))
     finally:
         bar.close()
@@ -254,8 +262,10 @@ def evaluate(
                 for e in envs:
                     e.close()
             _ENVS.clear()
-    episodes_out = [r for records, _ in out for r in records]
-    videos: dict[str, list[list[np.ndarray]]] = {}
-    for job, (_, frames) in zip(jobs, out):
-        videos.setdefault(job[3], []).extend(frames)
-    return {"episodes": episodes_out, "videos": videos, "wall_s": time.perf_counter() - t0}
+    res: dict[str, dict[str, Any]] = {m.name: {"episodes": [], "videos": {}, "wall_s": 0.0} for m in methods}
+    for job, (records, frames, wall) in zip(jobs, out):
+        r = res[job[1].name]
+        r["episodes"] += records
+        r["videos"].setdefault(job[3], []).extend(frames)
+        r["wall_s"] += wall
+    return res
