@@ -10,6 +10,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, base: int) -> None:
+    """mkstemp/mkdtemp create owner-only (0600/0700) entries; give the final file the mode a plain open() would."""
+    os.chmod(path, base & ~_umask())
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory next to ``path``; on success it replaces ``path`` (an old one is removed only after the
@@ -19,6 +30,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _publish_mode(tmp, 0o777)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
             os.replace(dst, old)
@@ -40,6 +52,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _publish_mode(Path(tmp), 0o666)
         os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
