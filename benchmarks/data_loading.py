@@ -49,21 +49,26 @@ class _LeRobotWindows(torch.utils.data.Dataset):
         return self.ds[i]
 
 
-def _rate(dataset: torch.utils.data.Dataset, workers: int, batch: int, n_batches: int, warmup: int) -> float:
+def _rate(dataset: torch.utils.data.Dataset, workers: int, batch: int, min_batches: int, min_time: float) -> float:
+    """Samples/s of shuffled batches (sampled with replacement, so one iterator never runs dry), timed after a warm-up
+    that fills every worker's prefetch queue, over at least ``min_batches`` batches and ``min_time`` seconds: a fast
+    loader otherwise finishes its timed batches before start-up effects (worker spawn, first file opens) are over."""
     g = torch.Generator().manual_seed(0)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**7, generator=g)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, shuffle=True, num_workers=workers, generator=g, drop_last=True,
-        persistent_workers=False, multiprocessing_context="spawn" if workers else None,
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
+        multiprocessing_context="spawn" if workers else None,
     )
     it = iter(loader)
-    for _ in range(warmup):
+    for _ in range(2 * max(workers, 1) + 1):  # default prefetch_factor 2 per worker
         next(it)
-    t = time.perf_counter()
-    for _ in range(n_batches):
+    n, t = 0, time.perf_counter()
+    while n < min_batches or time.perf_counter() - t < min_time:
         next(it)
+        n += 1
     dt = time.perf_counter() - t
     del it, loader
-    return n_batches * batch / dt
+    return n * batch / dt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episode-len", type=int, default=120)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batches", type=int, default=8, help="timed batches, at least")
+    p.add_argument("--min-time", type=float, default=3.0, help="timed seconds per setting, at least")
     p.add_argument("--workers", default="0,2")
     p.add_argument("--formats", default="ours,lerobot-image,lerobot-video")
     args = p.parse_args(argv)
     if args.quick:
-        args.episodes, args.episode_len, args.size, args.batch, args.batches = 2, 60, 64, 8, 2
+        args.episodes, args.episode_len, args.size, args.batch, args.batches, args.min_time = 2, 60, 64, 8, 2, 0.2
     workers = [int(w) for w in args.workers.split(",")]
     formats = args.formats.split(",")
     H, fps = 50, 10
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         ds = _LeRobotWindows(roots[fmt], fps, H, n_obs, cams)
                     for w in workers:
-                        r = _rate(ds, w, args.batch, args.batches, warmup=2 if w else 1)
+                        r = _rate(ds, w, args.batch, args.batches, args.min_time)
                         row = {"format": fmt, "cameras": n_cam, "n_obs": n_obs, "workers": w,
                                "samples_per_s": round(r, 1), "per_worker": round(r / max(w, 1), 1)}
                         rows.append(row)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cores",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": commit,
             "episodes": args.episodes, "episode_len": args.episode_len, "image": args.size, "H": H, "batch": args.batch,
-            "batches": args.batches}
+            "min_batches": args.batches, "min_time_s": args.min_time}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n| format | cams | T_obs | workers | samples/s | per worker | × LeRobot video |")
     print("|---|---|---|---|---|---|---|")

@@ -228,3 +228,17 @@ def test_image_codecs_round_trip(tmp_path, codec):
     np.testing.assert_array_equal(again.read_episode(0)["images"]["top"], ep["images"]["top"])
     with pytest.raises(ValueError, match="image_codec"):
         EpisodeStore.create(tmp_path / "x.zarr", SPEC, 10, {"top": HW, "wrist": HW}, image_codec="png")
+
+
+def test_corrupt_image_frame_is_one_clear_error(tmp_path):
+    """Regression: frames are decoded straight into the output buffer; a truncated chunk file must not slip through."""
+    store = _new(tmp_path)
+    store.append_episode(_episode())
+    chunk = store.path / "data" / "images" / "top" / "c" / "2" / "0" / "0" / "0"
+    assert chunk.exists()
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    again = EpisodeStore.open(store.path)
+    np.testing.assert_array_equal(again.read_frames("images/top", np.array([0, 1])),
+                                  store.read_frames("images/top", np.array([0, 1])))
+    with pytest.raises(ValueError, match=r"corrupt store: images/top frame 2 cannot be decoded"):
+        again.read_frames("images/top", np.array([1, 2]))

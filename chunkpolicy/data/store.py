@@ -249,14 +249,19 @@ class EpisodeStore:
         from numcodecs import blosc
 
         out = np.empty((len(idx), *shape), dtype=np.uint8)
-        tail = "/".join("0" * len(shape))
+        prefix, tail = f"{base}{os.sep}", "/" + "/".join("0" * len(shape))  # plain strings: pathlib costs ~40 µs/frame
         for k, i in enumerate(idx):
             try:
-                raw = (base / f"{int(i)}/{tail}").read_bytes()
+                with open(f"{prefix}{int(i)}{tail}", "rb", buffering=0) as f:
+                    raw = f.read()
             except FileNotFoundError:  # never-written chunk: zarr's fill value
                 out[k] = 0
                 continue
-            out[k] = np.frombuffer(blosc.decompress(raw), dtype=np.uint8).reshape(shape)
+            try:
+                blosc.decompress(raw, out[k])  # straight into the output frame, no intermediate copy
+            except (RuntimeError, ValueError) as e:  # truncated / garbled chunk, or a frame of another size
+                raise ValueError(f"corrupt store: {base.parent.parent.name}/{base.parent.name} frame {int(i)} cannot be decoded as "
+                                 f"uint8 {list(shape)} ({e})") from None
         return out
 
     def _numeric(self, key: str) -> np.ndarray:

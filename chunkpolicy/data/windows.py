@@ -162,7 +162,9 @@ class ChunkWindowDataset(torch.utils.data.Dataset):
         Frames stay uint8 until the model (4x less memory to copy between DataLoader workers and to the GPU than
         float32); the backbone scales them to [0, 1]."""
         h, w = self.image_size if self.image_size is not None else (1, 1)
-        out = torch.zeros(self.n_cameras, self.n_obs_steps, 3, h, w, dtype=torch.uint8)
+        shape = (self.n_cameras, self.n_obs_steps, 3, h, w)
+        # only empty camera slots need zeroing
+        out = torch.empty(shape, dtype=torch.uint8) if len(self.cameras) == self.n_cameras else torch.zeros(shape, dtype=torch.uint8)
         for ci, cam in enumerate(self.cameras):
             frames = torch.from_numpy(self.store.read_frames(f"images/{cam}", obs)).permute(0, 3, 1, 2)
             if frames.shape[-2:] != (h, w):
