@@ -108,6 +108,10 @@ def test_do_nothing_holds_absolute_dims():
     np.testing.assert_array_equal(chunk[:, :, 0], [[3.0] * 5, [7.0] * 5])
     np.testing.assert_array_equal(chunk[:, :, 1], [[-2.0] * 5, [5.0] * 5])
     np.testing.assert_array_equal(chunk[:, :, 2], 0.0)
+    # Push-T's actions are absolute agent targets: the baseline must hold the agent where it is (regression: it sent
+    # the agent to (0, 0) before the adapter declared its action dims absolute)
+    pt = do_nothing_predict_fn(env_spec("pusht"), horizon=2)([{"images": {}, "state": np.array([120.0, 300.0], np.float32)}])
+    np.testing.assert_array_equal(pt, [[[120.0, 300.0], [120.0, 300.0]]])
     rel = do_nothing_predict_fn(env_spec("metaworld"), horizon=3)([{"images": {}, "state": np.ones(4, np.float32)}])
     np.testing.assert_array_equal(rel, np.zeros((1, 3, 4)))
 

@@ -33,8 +33,9 @@ HAS_EXPERT = False
 def make_spec(cameras: Sequence[str] = CAMERAS, **_: Any) -> EmbodimentSpec:
     if tuple(cameras) != CAMERAS:
         raise ValueError(f"cameras: Push-T has exactly the cameras {list(CAMERAS)}, got {list(cameras)}")
+    # actions are absolute target positions: never deltas, and "do nothing" means "stay where you are"
     return EmbodimentSpec(name=EMBODIMENT, action_names=ACTION_NAMES, state_names=STATE_NAMES, cameras=CAMERAS,
-                          control_hz=CONTROL_HZ)
+                          control_hz=CONTROL_HZ, absolute_dims=ACTION_NAMES)
 
 
 def check_task(task: str) -> str:
