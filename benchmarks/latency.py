@@ -1,16 +1,20 @@
 """Chunk latency and training throughput: chunkpolicy heads vs LeRobot 0.6.1 pi0, same GPU, same run, random weights.
 
-Latency: batch 1, H=50, 10 flow steps (10 DDIM steps for dit), bf16, 1 and 3 cameras at 224x224, 48 prompt tokens,
-median and p90 over --calls calls after warm-up, CUDA-synchronized; peak GPU memory. chunkpolicy is measured eager and
-as a whole-chunk CUDA graph (graphed output checked against eager within bf16 tolerance). The tokens head (bins,
-FAST) is autoregressive, so it gets fewer calls. LeRobot pi0 gets token ids directly (its pre-processor needs a hub
-tokenizer).
+Latency (``--part latency``): batch 1, H=50, 10 flow steps (10 DDIM steps for dit), bf16, 1 and 3 cameras at
+224x224, 48 prompt tokens, median and p90 over --calls calls after warm-up, CUDA-synchronized; peak GPU memory.
+chunkpolicy flow_expert runs eager, as a whole-chunk CUDA graph over fused-projection weights, and (--compile) with
+torch.compile inside the graph; each graphed output is checked against eager. Real-time chunking: the guided chunk
+(vector-Jacobian product at each step) eager and as a CUDA graph. The tokens head (bins, FAST) is autoregressive, so it
+gets 1 camera and few calls. LeRobot pi0 gets token ids directly (its pre-processor needs a hub tokenizer).
 
-Throughput: training samples/s (forward + backward + fused AdamW step, bf16 autocast) at --train-batch for
-chunkpolicy and LeRobot pi0, and MFU = 6·params·tokens/step-time / peak (989 TFLOP/s dense bf16 on H100).
+Throughput (``--part train``): training samples/s (forward + backward + fused AdamW step) at each --train-batch for
+chunkpolicy (bf16 weights; fp32 master weights + bf16 autocast at the first batch, for reference) and LeRobot pi0
+(its own dtype policy, bf16 autocast), also for the ``small`` preset. A batch that runs out of memory is retried with
+gradient checkpointing. MFU = model FLOPs per sample (counted by FlopCounterMode on one forward + backward of ours;
+the same architecture and shapes for LeRobot) x samples/s / 989 TFLOP/s (dense bf16, H100 SXM).
 
-    python benchmarks/latency.py --out latency.json              # GPU, pi0-size (paligemma-3b)
-    python benchmarks/latency.py --quick --device cpu --out q.json  # smoke test with the tiny preset
+    python benchmarks/latency.py --compile --out latency.json          # GPU, pi0-size (paligemma-3b)
+    python benchmarks/latency.py --quick --device cpu --out q.json     # smoke test with the tiny preset
 """
 
 from __future__ import annotations
@@ -42,13 +46,12 @@ def spec(n_cam: int) -> EmbodimentSpec:
 
 
 def make_policy(preset: str, head: str, head_options: dict, device: str, dtype: torch.dtype) -> ChunkPolicy:
-    s = spec(3)
     rng = np.random.default_rng(0)
     stats = {"arm": {"action": compute_stats(rng.normal(size=(100, ACT_DIM))), "state": compute_stats(rng.normal(size=(100, STATE_DIM)))}}
     cfg = PolicyConfig(backbone=preset, head=head, head_options=head_options, horizon=H, max_prompt_tokens=PROMPT_TOKENS)
     with torch.device(device):  # initialise directly on the GPU
-        p = ChunkPolicy(cfg, UnifiedSpace(32, "pad", embodiments=[s]), stats)
-    return p.to(dtype).eval()
+        p = ChunkPolicy(cfg, UnifiedSpace(32, "pad", embodiments=[spec(3)]), stats)
+    return p.to(dtype)
 
 
 def observation(n_cam: int, B: int, device: str, size: int = 224) -> dict:
@@ -62,16 +65,20 @@ def observation(n_cam: int, B: int, device: str, size: int = 224) -> dict:
     }
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def timeit(fn, calls: int, warmup: int, device: str) -> dict:
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         fn()
-    sync()
+    sync(device)
     ts = []
     for _ in range(calls):
         t = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         ts.append((time.perf_counter() - t) * 1e3)
     return {"median_ms": round(float(np.median(ts)), 2), "p90_ms": round(float(np.percentile(ts, 90)), 2), "calls": calls}
 
@@ -87,69 +94,136 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def ours_latency(args, rows, results):
-    dev, dtype = args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    for head, opts, label in [("flow_expert", {}, "flow_expert"), ("dit", {"objective": "diffusion", "sampler": "ddim", "num_steps": STEPS}, "dit (DDIM)"),
-                              ("tokens", {"tokenizer": "bins"}, "tokens (bins)"), ("tokens", {"tokenizer": "fast"}, "tokens (FAST)")]:
-        if label not in args.only and args.only != ["all"]:
+def record(rows: list, row: dict) -> None:
+    rows.append(row)
+    print(row, flush=True)
+
+
+def profile_table(fn, device: str, path: str, rows: int = 40) -> None:
+    """GPU kernels of a few calls of ``fn`` (graph replays included), sorted by total GPU time, written to ``path``."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            fn()
+        sync(device)
+    ka = prof.key_averages()
+    Path(path).write_text(ka.table(sort_by="cuda_time_total" if device.startswith("cuda") else "cpu_time_total", row_limit=rows,
+                                   max_name_column_width=90))
+    print(f"profile -> {path}", flush=True)
+
+
+# -- chunkpolicy latency -------------------------------------------------------------------------------------------
+def flow_latency(args, rows, results) -> None:
+    from chunkpolicy.runtime.graphs import CudaGraphPolicy
+    from chunkpolicy.runtime.rtc import CudaGraphRTC, rtc_infer, rtc_target
+
+    dev, dtype = args.device, args.dtype
+    policy = make_policy(args.preset, "flow_expert", {}, dev, dtype).eval()
+    n_params = sum(p.numel() for p in policy.parameters())
+    base = {"model": "chunkpolicy flow_expert", "params": n_params}
+    for n_cam in (1, 3):
+        reset_peak(dev)
+        obs = observation(n_cam, 1, dev, args.image_size)
+        noise = torch.randn(1, H, 32, device=dev, dtype=dtype)
+        with torch.no_grad():
+            ref = policy.predict_unified(obs, noise=noise, num_steps=STEPS)
+        r = timeit(lambda: policy.predict_unified(obs, num_steps=STEPS), args.calls, 2, dev)
+        record(rows, {**base, "cameras": n_cam, "mode": "eager", **r, "peak_gb": peak_gb(dev)})
+        variants = ([("cuda_graph unfused", False, False)] if args.unfused and n_cam == 1 else []) + [("cuda_graph", False, True)]
+        variants = variants + ([("compile+cuda_graph", True, True)] if args.compile else []) if dev.startswith("cuda") else []
+        for mode, comp, fuse in variants:
+            try:
+                t0 = time.perf_counter()
+                graphed = CudaGraphPolicy(policy, obs, num_steps=STEPS, compile=comp, fuse=fuse)
+                build_s = time.perf_counter() - t0
+                diff = float((graphed(obs, noise=noise).float() - ref.float()).abs().max())
+                r = timeit(lambda: graphed(obs), args.calls * 2, 5, dev)
+                record(rows, {**base, "cameras": n_cam, "mode": mode, **r, "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff,
+                              "build_s": round(build_s, 1)})
+                if args.profile_dir and n_cam == 1 and mode == variants[-1][0]:
+                    profile_table(lambda: graphed(obs), dev, f"{args.profile_dir}/profile_flow_{mode.replace('+', '_')}.txt")
+                del graphed
+            except Exception as e:  # record and go on: one failure must not hide the other numbers
+                results.setdefault("errors", []).append(f"flow_expert {mode} {n_cam} cams: {type(e).__name__}: {e}")
+                traceback.print_exc()
+        if n_cam == 1 and args.rtc:
+            rtc_latency(args, policy, obs, rows, results, base, rtc_infer, rtc_target, CudaGraphRTC)
+    del policy
+
+
+def rtc_latency(args, policy, obs, rows, results, base, rtc_infer, rtc_target, CudaGraphRTC) -> None:
+    """Guided (RTC) chunk: s = 25 executed steps, d = 5 frozen, against the previous chunk's remaining 25 actions."""
+    dev = args.device
+    try:
+        reset_peak(dev)
+        inp = policy.prepare_inputs(obs)
+        with torch.no_grad():
+            prev = policy.predict_chunk(obs, num_steps=STEPS).float()[:, 25:]
+        target, w = rtc_target(policy, prev.cpu().numpy(), inp["embodiment"], 25, 5)
+        emb = inp["embodiment"]
+
+        def frozen_error(chunk):  # mean |chunk - previous chunk| over the 5 frozen steps, normalized units, valid dims
+            return round(float((policy.normalizer.normalize("action", chunk.float(), emb) - target)[:, :5, :ACT_DIM].abs().mean()), 4)
+
+        noise = torch.randn(target.shape, device=dev, dtype=args.dtype)
+        with torch.no_grad():
+            r = timeit(lambda: rtc_infer(policy, inp, noise, target, w, STEPS), max(3, args.calls // 2), 2, dev)
+        record(rows, {**base, "cameras": 1, "mode": "rtc eager", **r, "peak_gb": peak_gb(dev)})
+        if dev.startswith("cuda"):
+            with torch.no_grad():
+                ref = rtc_infer(policy, inp, noise, target, w, STEPS)
+            t0 = time.perf_counter()
+            graphed = CudaGraphRTC(policy, obs, num_steps=STEPS)
+            build_s = time.perf_counter() - t0
+            out = graphed(obs, target, w, noise)
+            diff = float((out.float() - ref.float()).abs().max())
+            with torch.no_grad():
+                free = policy.predict_unified(obs, noise=noise, num_steps=STEPS)
+            r = timeit(lambda: graphed(obs, target, w, noise), args.calls * 2, 5, dev)
+            record(rows, {**base, "cameras": 1, "mode": "rtc cuda_graph", **r, "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff,
+                          "build_s": round(build_s, 1), "frozen_steps_error_guided": frozen_error(out),
+                          "frozen_steps_error_unguided": frozen_error(free)})
+            del graphed
+    except Exception as e:
+        results.setdefault("errors", []).append(f"rtc: {type(e).__name__}: {e}")
+        traceback.print_exc()
+
+
+def other_heads_latency(args, rows, results) -> None:
+    dev, dtype = args.device, args.dtype
+    heads = [("dit", {"objective": "diffusion", "sampler": "ddim", "num_steps": STEPS}, "dit (DDIM)", (1, 3), args.calls),
+             ("tokens", {"tokenizer": "bins"}, "tokens (bins)", (1,), args.token_calls),
+             ("tokens", {"tokenizer": "fast"}, "tokens (FAST)", (1,), args.token_calls)]
+    for head, opts, label, cams, calls in heads:
+        if args.only != ["all"] and label not in args.only:
             continue
         reset_peak(dev)
         try:
-            policy = make_policy(args.preset, head, opts, dev, dtype)
-            if head == "tokens" and opts["tokenizer"] == "fast":
+            policy = make_policy(args.preset, head, opts, dev, dtype).eval()
+            if opts.get("tokenizer") == "fast":
                 rng = np.random.default_rng(0)
                 t = np.linspace(0, 1, H)[:, None]
-                chunks = [np.sin(2 * np.pi * (rng.uniform(0.2, 1, (1, ACT_DIM)) * t + rng.uniform(0, 1, (1, ACT_DIM)))) for _ in range(500)]
-                policy.head.fit_tokenizer(chunks)
-            n_params = sum(p.numel() for p in policy.parameters())
-            for n_cam in (1, 3):
-                obs = observation(n_cam, 1, dev)
-                calls = args.calls if head != "tokens" else max(3, args.calls // 10)
-                eager = timeit(lambda: policy.predict_unified(obs, num_steps=STEPS if head != "tokens" else None), calls, 2, dev)
-                row = {"model": f"chunkpolicy {label}", "cameras": n_cam, "mode": "eager", **eager, "params": n_params, "peak_gb": peak_gb(dev)}
+                policy.head.fit_tokenizer([np.sin(2 * np.pi * (rng.uniform(0.2, 1, (1, ACT_DIM)) * t + rng.uniform(0, 1, (1, ACT_DIM))))
+                                           for _ in range(500)])
+            for n_cam in cams:
+                obs = observation(n_cam, 1, dev, args.image_size)
+                r = timeit(lambda: policy.predict_unified(obs, num_steps=STEPS if head != "tokens" else None), calls, 1, dev)
+                row = {"model": f"chunkpolicy {label}", "cameras": n_cam, "mode": "eager", **r,
+                       "params": sum(p.numel() for p in policy.parameters()), "peak_gb": peak_gb(dev)}
                 if head == "tokens":
-                    row["tokens_generated"] = int(policy.head.generate(policy.backbone, policy._prefix(obs)[1], H * ACT_DIM + 1).shape[1])
+                    with torch.no_grad():
+                        row["tokens_generated"] = int(policy.head.generate(policy.backbone, policy._prefix(obs)[1], H * ACT_DIM + 1).shape[1])
                     row["invalid_decodes"] = policy.head.last_invalid_count
-                rows.append(row)
-                print(row, flush=True)
-                if head == "flow_expert" and dev.startswith("cuda"):
-                    from chunkpolicy.runtime.graphs import CudaGraphPolicy
-
-                    graphed = CudaGraphPolicy(policy, obs, num_steps=STEPS)
-                    noise = torch.randn(1, H, 32, device=dev, dtype=dtype)
-                    ref = policy.predict_unified(obs, noise=noise, num_steps=STEPS)
-                    got = graphed(obs, noise=noise)
-                    diff = float((ref - got).abs().max())
-                    g = timeit(lambda: graphed(obs), args.calls * 2, 5, dev)
-                    row = {"model": f"chunkpolicy {label}", "cameras": n_cam, "mode": "cuda_graph", **g, "params": n_params,
-                           "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff}
-                    rows.append(row)
-                    print(row, flush=True)
-                    del graphed
-                    if args.compile:
-                        t0 = time.perf_counter()
-                        graphed = CudaGraphPolicy(policy, obs, num_steps=STEPS, compile=True)
-                        build_s = time.perf_counter() - t0
-                        got = graphed(obs, noise=noise)
-                        diff = float((ref.float() - got.float()).abs().max())
-                        g = timeit(lambda: graphed(obs), args.calls * 2, 5, dev)
-                        row = {"model": f"chunkpolicy {label}", "cameras": n_cam, "mode": "compile+cuda_graph", **g, "params": n_params,
-                               "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff, "compile_s": round(build_s, 1)}
-                        rows.append(row)
-                        print(row, flush=True)
-                        del graphed
-                        policy = make_policy(args.preset, head, opts, dev, dtype)  # undo the compiled methods
+                record(rows, row)
             del policy
-        except Exception as e:  # record and go on: one failure must not hide the other numbers
+        except Exception as e:
             results.setdefault("errors", []).append(f"chunkpolicy {label}: {type(e).__name__}: {e}")
             traceback.print_exc()
 
 
-def lerobot_pi0(n_cam: int, device: str):
-    try:  # lerobot's video utils annotate with av.option.Option at import time; load the submodule first
-        import av.option  # noqa: F401
-    except ImportError:
-        pass
+# -- LeRobot pi0 ---------------------------------------------------------------------------------------------------
+def lerobot_pi0(n_cam: int, device: str, gradient_checkpointing: bool = False):
+    import av.option  # noqa: F401  (lerobot's video utils annotate with av.option.Option at import time)
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.pi0.configuration_pi0 import PI0Config
     from lerobot.policies.pi0.modeling_pi0 import PI0Policy
@@ -158,7 +232,7 @@ def lerobot_pi0(n_cam: int, device: str):
     feats["observation.state"] = PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,))
     cfg = PI0Config(input_features=feats, output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(ACT_DIM,))},
                     device=device, dtype="bfloat16" if device.startswith("cuda") else "float32", chunk_size=H, n_action_steps=H,
-                    num_inference_steps=STEPS)
+                    num_inference_steps=STEPS, gradient_checkpointing=gradient_checkpointing)
     with torch.device(device):  # initialise on the GPU directly (minutes on the CPU for 4B parameters)
         return PI0Policy(cfg)
 
@@ -172,99 +246,137 @@ def lerobot_batch(n_cam: int, B: int, device: str) -> dict:
     return b
 
 
-def lerobot_latency(args, rows, results):
+def lerobot_latency(args, rows, results) -> None:
     for n_cam in (1, 3):
         reset_peak(args.device)
         try:
             pol = lerobot_pi0(n_cam, args.device).eval()
             batch = lerobot_batch(n_cam, 1, args.device)
-            r = timeit(lambda: pol.predict_action_chunk(batch), args.calls, 2, args.device)
-            row = {"model": "lerobot pi0", "cameras": n_cam, "mode": "eager", **r, "params": sum(p.numel() for p in pol.parameters()), "peak_gb": peak_gb(args.device)}
-            rows.append(row)
-            print(row, flush=True)
+            with torch.no_grad():
+                r = timeit(lambda: pol.predict_action_chunk(batch), args.calls, 2, args.device)
+            record(rows, {"model": "lerobot pi0", "cameras": n_cam, "mode": "eager", **r, "params": sum(p.numel() for p in pol.parameters()),
+                          "peak_gb": peak_gb(args.device)})
             del pol
         except Exception as e:
             results.setdefault("errors", []).append(f"lerobot pi0 latency {n_cam} cams: {type(e).__name__}: {e}")
             traceback.print_exc()
 
 
+# -- training throughput -------------------------------------------------------------------------------------------
 def train_rate(step, batch_size: int, steps: int, device: str) -> float:
     for _ in range(2):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     return batch_size * steps / (time.perf_counter() - t)
 
 
-def throughput(args, rows, results):
-    dev, B = args.device, args.train_batch
-    tokens = 256 + PROMPT_TOKENS + 1 + H  # one camera
-    peak = next((v for k, v in PEAK_FLOPS.items() if dev.startswith("cuda") and k in torch.cuda.get_device_name()), None)
-    for preset in ([args.preset] + (["small"] if args.preset != "small" else [])):
-        reset_peak(dev)
+def ours_train_setup(args, preset: str, B: int, bf16_weights: bool, ckpt: bool):
+    dev = args.device
+    policy = make_policy(preset, "flow_expert", {}, dev, torch.bfloat16 if bf16_weights else torch.float32).train()
+    policy.backbone.set_gradient_checkpointing(ckpt)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5, fused=dev.startswith("cuda"))
+    size = policy.backbone.config.image_size
+    batch = dict(observation(1, B, dev, size), actions=policy.space.pad(torch.randn(B, H, ACT_DIM, device=dev), 0, "action"),
+                 action_is_pad=torch.zeros(B, H, dtype=torch.bool, device=dev))
+    autocast = not bf16_weights and dev.startswith("cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = policy.compute_loss(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return policy, opt, step
+
+
+def flops_per_sample(args, preset: str) -> float:
+    """Model FLOPs of one training sample (forward + backward), counted on a batch of 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    policy, _, step = ours_train_setup(args, preset, 1, True, False)
+    with FlopCounterMode(display=False) as fc:
+        policy.compute_loss(dict(observation(1, 1, args.device, policy.backbone.config.image_size),
+                                 actions=torch.zeros(1, H, 32, device=args.device),
+                                 action_is_pad=torch.zeros(1, H, dtype=torch.bool, device=args.device)))["loss"].backward()
+    del policy, step
+    return float(fc.get_total_flops())
+
+
+def measure(args, rows, results, label: str, make, B: int, flops: float | None, peak: float | None, extra: dict,
+            profile: str | None = None) -> None:
+    """``make(ckpt) -> step``; retried with gradient checkpointing when the plain run is out of memory."""
+    for ckpt in (False, True):
+        reset_peak(args.device)
         try:
-            with torch.device(dev):
-                s = spec(1)
-                rng = np.random.default_rng(0)
-                stats = {"arm": {"action": compute_stats(rng.normal(size=(100, ACT_DIM))), "state": compute_stats(rng.normal(size=(100, STATE_DIM)))}}
-                policy = ChunkPolicy(PolicyConfig(backbone=preset, horizon=H, max_prompt_tokens=PROMPT_TOKENS), UnifiedSpace(32, "pad", embodiments=[s]), stats)
-            policy.train()
-            opt = torch.optim.AdamW(policy.parameters(), lr=1e-5, fused=dev.startswith("cuda"))
-            obs = observation(1, B, dev)
-            sp = policy.space
-            batch = dict(obs, actions=sp.pad(torch.randn(B, H, ACT_DIM, device=dev), 0, "action"), action_is_pad=torch.zeros(B, H, dtype=torch.bool, device=dev))
+            step = make(ckpt)
+            rate = train_rate(step, B, args.train_steps if B <= 8 else max(3, args.train_steps // 2), args.device)
+            if profile:
+                profile_table(step, args.device, profile)
+            row = {"model": label, "batch": B, "samples_per_s": round(rate, 2), "gradient_checkpointing": ckpt, "peak_gb": peak_gb(args.device), **extra}
+            if flops and peak:
+                row["mfu"] = round(flops * rate / peak, 3)
+            record(rows, row)
+            return
+        except torch.OutOfMemoryError as e:
+            results.setdefault("errors", []).append(f"{label} batch {B} (checkpointing {ckpt}): out of memory")
+            print("OOM", label, B, ckpt, str(e)[:200], flush=True)
+        except Exception as e:
+            results.setdefault("errors", []).append(f"{label} batch {B}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            return
+        finally:
+            step = None
+            gc.collect()
+
+
+def throughput(args, rows, results) -> None:
+    dev = args.device
+    peak = next((v for k, v in PEAK_FLOPS.items() if dev.startswith("cuda") and k in torch.cuda.get_device_name()), None)
+    holder: dict = {}
+
+    def ours(preset, B, bf16):
+        def make(ckpt):
+            holder.clear()
+            holder["p"], holder["o"], step = ours_train_setup(args, preset, B, bf16, ckpt)
+            return step
+        return make
+
+    for preset in [args.preset] + (["small"] if args.preset != "small" else []):
+        flops = flops_per_sample(args, preset)
+        results.setdefault("flops_per_sample", {})[preset] = flops
+        for i, B in enumerate(args.train_batch):
+            prof = f"{args.profile_dir}/profile_train_{preset}_bs{B}.txt" if args.profile_dir and i == 0 else None
+            measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True), B, flops, peak, {"weights": "bf16"}, prof)
+            if i == 0 and preset == args.preset:
+                measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, False), B, flops, peak,
+                        {"weights": "fp32 + bf16 autocast"})
+        holder.clear()
+    if args.skip_lerobot:
+        return
+    flops = results["flops_per_sample"].get("paligemma-3b")
+    for B in args.train_batch:
+        def make(ckpt, B=B):
+            holder.clear()
+            pol = lerobot_pi0(1, dev, gradient_checkpointing=ckpt).train()
+            opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-5, fused=dev.startswith("cuda"))
+            batch = dict(lerobot_batch(1, B, dev), action=torch.randn(B, H, ACT_DIM, device=dev),
+                         action_is_pad=torch.zeros(B, H, dtype=torch.bool, device=dev))
+            holder["p"], holder["o"] = pol, opt
 
             def step():
-                with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
-                    loss = policy.compute_loss(batch)["loss"]
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
+                    loss, _ = pol.forward(batch)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-
-            rate = train_rate(step, B, args.train_steps, dev)
-            n = sum(p.numel() for p in policy.parameters())
-            row = {"model": f"chunkpolicy {preset} flow_expert", "batch": B, "samples_per_s": round(rate, 2), "params": n, "peak_gb": peak_gb(dev)}
-            if peak:
-                row["mfu"] = round(6 * n * tokens * rate / peak, 3)
-            rows.append(row)
-            print(row, flush=True)
-            del policy, opt
-        except Exception as e:
-            results.setdefault("errors", []).append(f"chunkpolicy {preset} training: {type(e).__name__}: {e}")
-            traceback.print_exc()
-    if args.skip_lerobot:
-        return
-    reset_peak(dev)
-    try:
-        pol = lerobot_pi0(1, dev)
-        pol.train()
-        opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-5, fused=dev.startswith("cuda"))
-        batch = lerobot_batch(1, B, dev)
-        batch["action"] = torch.randn(B, H, ACT_DIM, device=dev)
-        batch["action_is_pad"] = torch.zeros(B, H, dtype=torch.bool, device=dev)
-
-        def step():
-            with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
-                loss, _ = pol.forward(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        rate = train_rate(step, B, args.train_steps, dev)
-        n = sum(p.numel() for p in pol.parameters())
-        row = {"model": "lerobot pi0", "batch": B, "samples_per_s": round(rate, 2), "params": n, "peak_gb": peak_gb(dev)}
-        if peak:
-            row["mfu"] = round(6 * n * tokens * rate / peak, 3)
-        rows.append(row)
-        print(row, flush=True)
-    except Exception as e:
-        results.setdefault("errors", []).append(f"lerobot pi0 training: {type(e).__name__}: {e}")
-        traceback.print_exc()
+            return step
+        measure(args, rows, results, "lerobot pi0", make, B, flops, peak, {"weights": "lerobot (bf16 LM/expert, fp32 vision) + bf16 autocast"})
+        holder.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,18 +384,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="latency.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="paligemma-3b")
+    p.add_argument("--part", default="all", choices=["all", "latency", "train"])
     p.add_argument("--calls", type=int, default=50)
-    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--token-calls", type=int, default=3)
+    p.add_argument("--train-batch", default="8,32", help="comma list of batch sizes")
     p.add_argument("--train-steps", type=int, default=10)
-    p.add_argument("--only", default="all", help="comma list of: flow_expert, dit (DDIM), tokens (bins), tokens (FAST)")
+    p.add_argument("--only", default="all", help="comma list of other heads: dit (DDIM), tokens (bins), tokens (FAST), none")
     p.add_argument("--skip-lerobot", action="store_true")
-    p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile + CUDA graph (minutes of compile)")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile + CUDA graph (a minute of compile per shape)")
+    p.add_argument("--no-rtc", dest="rtc", action="store_false")
+    p.add_argument("--unfused", action="store_true", help="also a CUDA graph over the unfused layers (1 camera)")
+    p.add_argument("--profile-dir", help="write GPU kernel tables (graphed flow chunk, training step) here")
     p.add_argument("--quick", action="store_true", help="tiny preset, few calls (CPU smoke test)")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",")]
+    args.train_batch = [int(b) for b in args.train_batch.split(",")]
+    args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    args.image_size = 224
     if args.quick:
-        args.preset, args.calls, args.train_batch, args.train_steps = "tiny", 3, 2, 2
+        args.preset, args.calls, args.token_calls, args.train_batch, args.train_steps, args.image_size = "tiny", 3, 1, [2], 2, 32
     torch.backends.cuda.matmul.allow_tf32 = True
     results: dict = {"meta": {
         "command": " ".join(["benchmarks/latency.py"] + (argv if argv is not None else sys.argv[1:])),
@@ -297,20 +416,23 @@ def main(argv: list[str] | None = None) -> int:
     lat, thr = [], []
     results["latency"], results["throughput"] = lat, thr
     save = lambda: Path(args.out).write_text(json.dumps(results, indent=2))  # noqa: E731  (partial results survive a timeout)
-    ours_latency(args, lat, results)
-    save()
-    if not args.skip_lerobot:
-        lerobot_latency(args, lat, results)
+    if args.part in ("all", "latency"):
+        flow_latency(args, lat, results)
         save()
-    if not args.skip_train:
+        other_heads_latency(args, lat, results)
+        save()
+        if not args.skip_lerobot:
+            lerobot_latency(args, lat, results)
+            save()
+    if args.part in ("all", "train"):
         throughput(args, thr, results)
-    save()
+        save()
     print("\n| model | cams | mode | median ms | p90 ms | peak GB |\n|---|---|---|---|---|---|")
     for r in lat:
         print(f"| {r['model']} | {r['cameras']} | {r['mode']} | {r['median_ms']} | {r['p90_ms']} | {r['peak_gb']} |")
-    print("\n| model | batch | samples/s | MFU | peak GB |\n|---|---|---|---|---|")
+    print("\n| model | batch | weights | ckpt | samples/s | MFU | peak GB |\n|---|---|---|---|---|---|---|")
     for r in thr:
-        print(f"| {r['model']} | {r['batch']} | {r['samples_per_s']} | {r.get('mfu', '')} | {r['peak_gb']} |")
+        print(f"| {r['model']} | {r['batch']} | {r.get('weights')} | {r['gradient_checkpointing']} | {r['samples_per_s']} | {r.get('mfu', '')} | {r['peak_gb']} |")
     for e in results.get("errors", []):
         print("ERROR", e)
     return 0

@@ -8,6 +8,10 @@ images + text attend bidirectionally among themselves, the state token attends t
 in the prefix attends to the state token or to any later (suffix) token. Invalid tokens (masked cameras, text padding)
 are never attended to. The Gemma layers are run here layer by layer (SDPA with an explicit boolean mask) so the
 per-layer keys/values can be handed to a head that shares attention with the backbone (π0's action expert).
+
+Inference speed: :class:`FusedLayer` is a snapshot of one Gemma layer's weights with q/k/v and gate/up concatenated (one
+GEMM each); :func:`qkv` / :func:`finish` accept it in place of the ``transformers`` layer, so the same code runs both.
+At batch 1 a chunk is thousands of tiny kernels, so fewer, larger GEMMs matter more than FLOPs.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
-from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
 
 VARIANTS = ("paligemma", "siglip")
@@ -121,12 +125,12 @@ class Prefix:
 class PrefixOutput:
     """Encoded prefix, computed once per chunk.
 
-    ``hidden [B, P, W]`` final-norm hidden states; ``valid [B, P]``; ``kv`` one ``(key, value)`` per LM layer, each
-    ``[B, kv_heads, P, head_dim]`` after RoPE (empty for the ``siglip`` variant); ``next_position [B]`` the RoPE
-    position of the first suffix token.
+    ``hidden [B, P, W]`` final-norm hidden states (None when the caller asked for keys/values only); ``valid [B, P]``;
+    ``kv`` one ``(key, value)`` per LM layer, each ``[B, kv_heads, P, head_dim]`` after RoPE (empty for the ``siglip``
+    variant); ``next_position [B]`` the RoPE position of the first suffix token.
     """
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None
     valid: torch.Tensor
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     next_position: torch.Tensor | None = None
@@ -145,26 +149,115 @@ def blockwise_mask(q_valid: torch.Tensor, q_block: torch.Tensor, k_valid: torch.
     return m[:, None]
 
 
-def attend(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean attention mask (True = attend) → additive (0 / -inf) in ``dtype``. Built once per chunk and shared by
+    every layer and step: SDPA would otherwise convert a boolean mask on every call (extra kernels per layer)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+class FusedLayer:
+    """Inference snapshot of one Gemma decoder layer: ``qkv_w [(h + 2·h_kv)·d, W]`` and ``gate_up_w [2·mlp, W]`` are the
+    concatenated projections, norms keep Gemma's ``(1 + w)`` scale in fp32. Same arithmetic as the ``transformers``
+    layer; not trainable (no autograd to the weights). :meth:`refresh` copies newer weights into the same buffers, so a
+    CUDA graph captured on them stays valid."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            raise ValueError("FusedLayer needs plain bias-free nn.Linear projections (merge LoRA adapters first, "
+                             "e.g. peft's merge_and_unload)")
+        self.head_dim, self.scaling, self.act = attn.head_dim, attn.scaling, mlp.act_fn
+        self.sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+        self.eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
+        with torch.no_grad():
+            self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            self.gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self.o_w, self.down_w = attn.o_proj.weight.detach().clone(), mlp.down_proj.weight.detach().clone()
+            self.in_scale = 1.0 + layer.input_layernorm.weight.detach().float()
+            self.post_scale = 1.0 + layer.post_attention_layernorm.weight.detach().float()
+
+    @torch.no_grad()
+    def refresh(self, layer: nn.Module) -> None:
+        """Copy ``layer``'s current weights into this snapshot in place."""
+        new = FusedLayer(layer)
+        for name in ("qkv_w", "gate_up_w", "o_w", "down_w", "in_scale", "post_scale"):
+            getattr(self, name).copy_(getattr(new, name))
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm with a precomputed fp32 ``scale = 1 + w`` (normalise in fp32, scale, cast back)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale).type_as(x)
+
+
+def attend(layer: nn.Module | FusedLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SDPA over ``q [B, h, Lq, d]``, ``k/v [B, h_kv, Lk, d]`` (grouped-query aware) → ``[B, Lq, h·d]``."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.self_attn.scaling, enable_gqa=k.shape[1] != q.shape[1])
+    scale = layer.scaling if isinstance(layer, FusedLayer) else layer.self_attn.scaling
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
-def qkv(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Pre-norm + projections + RoPE of one Gemma decoder layer: ``x [B, L, W]`` → q, k, v ``[B, heads, L, d]``."""
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    shape = (*h.shape[:-1], -1, attn.head_dim)
-    q = attn.q_proj(h).view(shape).transpose(1, 2)
-    k = attn.k_proj(h).view(shape).transpose(1, 2)
-    v = attn.v_proj(h).view(shape).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
+def attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention by two explicit matmuls, for short sequences at inference: ``q [B, Lq, h, d]`` (heads last, as
+    :func:`qkv` gives with ``heads_first=False``), ``k/v [B, h_kv, Lk, d]``, additive fp32 ``bias [B, 1, Lq or 1, Lk]``
+    (0 or -inf) → ``[B, Lq, h·d]``.
+
+    The query heads that share a KV head are folded into rows (with one KV head, as in Gemma-2B, every reshape here is a
+    view), scores and softmax in fp32 as flash attention keeps them. On an H100 the fused SDPA kernels take ~30 µs for
+    the action expert's 8×50 queries over ~355 keys (they run on a handful of SMs); this is 3 short kernels."""
+    B, L, h, d = q.shape
+    hk, Lk = k.shape[1], k.shape[2]
+    g = h // hk
+    qr = q.reshape(B, L, hk, g, d).transpose(1, 2).reshape(B * hk, L * g, d)
+    kr, vr = k.reshape(B * hk, Lk, d), v.reshape(B * hk, Lk, d)
+    if qr.is_cuda and qr.dtype != torch.float32 and not torch.is_grad_enabled():
+        s = torch.bmm(qr, kr.transpose(1, 2), out_dtype=torch.float32)  # fp32 accumulation without upcast copies
+    else:
+        s = torch.bmm(qr.float(), kr.float().transpose(1, 2))
+    s = s.view(B, hk, L, g, Lk) * scale + bias[:, :, :, None, :]
+    p = torch.softmax(s, dim=-1).to(v.dtype).view(B * hk, L * g, Lk)
+    out = torch.bmm(p, vr).view(B, hk, L, g, d)
+    return out.transpose(1, 2).reshape(B, L, h * d)
 
 
-def finish(layer: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+def mask_bias(mask: torch.Tensor) -> torch.Tensor:
+    """bool attention mask → additive fp32 bias (0 where allowed, -inf elsewhere), same shape."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Gemma applies it (rotate-half convention); ``cos/sin`` broadcast against ``x``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def qkv(layer: nn.Module | FusedLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_first: bool = True):
+    """Pre-norm + projections + RoPE of one Gemma decoder layer: ``x [B, L, W]`` → q, k, v ``[B, heads, L, d]``
+    (``[B, L, heads, d]`` with ``heads_first=False``); ``cos/sin [B, L, d]``."""
+    if isinstance(layer, FusedLayer):
+        h = rms_norm(x, layer.in_scale, layer.eps[0])
+        q, k, v = F.linear(h, layer.qkv_w).split(layer.sizes, dim=-1)
+        d = layer.head_dim
+    else:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        d = attn.head_dim
+    shape = (*x.shape[:-1], -1, d)
+    q, k, v = (t.reshape(shape) for t in (q, k, v))
+    if heads_first:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    c, s = (t.unsqueeze(1 if heads_first else 2) for t in (cos, sin))
+    return rotate(q, c, s), rotate(k, c, s), v
+
+
+def finish(layer: nn.Module | FusedLayer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
     """Output projection + residual + post-norm MLP + residual of one Gemma decoder layer."""
+    if isinstance(layer, FusedLayer):
+        x = x + F.linear(attn_out, layer.o_w)
+        gate, up = F.linear(rms_norm(x, layer.post_scale, layer.eps[1]), layer.gate_up_w).chunk(2, dim=-1)
+        return x + F.linear(layer.act(gate) * up, layer.down_w)
     x = x + layer.self_attn.o_proj(attn_out)
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -179,6 +272,20 @@ class Backbone(nn.Module):
         self.state_proj = nn.Linear(state_dim, config.width)
         self.width, self.num_layers = config.width, (config.depth if config.variant == "paligemma" else 0)
         self.num_kv_heads, self.head_dim, self.vocab_size = config.kv_heads, config.head_dim, config.vocab_size
+        self.gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, on: bool = True) -> None:
+        """Recompute each vision and LM layer in the backward pass instead of storing its activations (heads that run
+        Gemma-shaped layers read this flag too): ~1/3 more compute for a much smaller activation memory."""
+        self.gradient_checkpointing = bool(on)
+        if on:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def fused_layers(self) -> list[FusedLayer]:
+        """Inference snapshots of the LM layers (see :class:`FusedLayer`), for ``encode_prefix(layers=...)``."""
+        return [FusedLayer(layer) for layer in self.layers]
 
     @property
     def language_model(self) -> nn.Module:
@@ -242,19 +349,29 @@ class Backbone(nn.Module):
         positions = (torch.cumsum(valid.long(), 1) - 1).clamp_min(0)
         return Prefix(embeds, valid, block, positions)
 
-    def encode_prefix(self, prefix: Prefix) -> PrefixOutput:
-        """Run the Gemma layers over the prefix with the blockwise mask; keep every layer's keys/values."""
+    def encode_prefix(self, prefix: Prefix, layers: Sequence[nn.Module | FusedLayer] | None = None,
+                      hidden: bool = True) -> PrefixOutput:
+        """Run the Gemma layers over the prefix with the blockwise mask; keep every layer's keys/values.
+
+        ``layers``: :meth:`fused_layers` snapshots to run instead of the modules (inference). ``hidden=False``: the
+        caller needs only the keys/values (the flow expert), so the last layer's output projection and MLP and the
+        final norm are skipped."""
         x, kv = prefix.embeds, []
+        layers = self.layers if layers is None else layers
         if self.num_layers:
             mask = blockwise_mask(prefix.valid, prefix.block, prefix.valid, prefix.block)
             cos, sin = self.rope(x, prefix.positions)
-            for layer in self.layers:
-                q, k, v = qkv(layer, x, cos, sin)
+            ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+            for i, layer in enumerate(layers):
+                last = i == len(layers) - 1 and not hidden
+                if ckpt:
+                    x, k, v = checkpoint(_layer_step, layer, x, cos, sin, mask, last, use_reentrant=False)
+                else:
+                    x, k, v = _layer_step(layer, x, cos, sin, mask, last)
                 kv.append((k, v))
-                x = finish(layer, x, attend(layer, q, k, v, mask))
-        hidden = self.model.language_model.norm(x)
+        out = self.model.language_model.norm(x) if hidden else None
         nxt = prefix.positions.max(dim=1).values + 1
-        return PrefixOutput(hidden=hidden, valid=prefix.valid, kv=kv, next_position=nxt)
+        return PrefixOutput(hidden=out, valid=prefix.valid, kv=kv, next_position=nxt)
 
     # -- weights --------------------------------------------------------------------------------------------------
     def load_pretrained_weights(self, path: str | Path) -> None:
@@ -292,6 +409,20 @@ class Backbone(nn.Module):
             heads=t["num_attention_heads"], kv_heads=t["num_key_value_heads"], head_dim=t.get("head_dim", t["hidden_size"] // t["num_attention_heads"]),
             vocab_size=t["vocab_size"], rope_theta=t.get("rope_theta", 10000.0),
         )
+
+
+def _layer_step(layer, x, cos, sin, mask, kv_only: bool):
+    """One prefix layer: ``(x_next, k, v)`` with k/v ``[B, h_kv, P, d]``; with ``kv_only`` x is returned unchanged (its
+    output is never read). Training uses SDPA (memory-efficient backward); inference the explicit matmuls."""
+    if torch.is_grad_enabled():
+        q, k, v = qkv(layer, x, cos, sin)
+        return (x if kv_only else finish(layer, x, attend(layer, q, k, v, mask))), k, v
+    q, k, v = qkv(layer, x, cos, sin, heads_first=False)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if kv_only:
+        return x, k, v
+    scale = layer.scaling if isinstance(layer, FusedLayer) else layer.self_attn.scaling
+    return finish(layer, x, attend_few(q, k, v, mask_bias(mask), scale)), k, v
 
 
 def config_dict(cfg: BackboneConfig) -> dict[str, Any]:

@@ -145,17 +145,22 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             "action_mask": self._masks(batch, "action", emb), "embodiment": emb,
         }
 
-    def _encode(self, inp: Mapping[str, torch.Tensor], image_mask: torch.Tensor, attention_mask: torch.Tensor):
+    def _encode(self, inp: Mapping[str, torch.Tensor], image_mask: torch.Tensor, attention_mask: torch.Tensor,
+                layers: Any = None, hidden: bool = True):
         state = self.normalizer.normalize("state", inp["state"], inp["embodiment"], check=False)
         prefix = self.backbone.embed_prefix(inp["images"], image_mask, inp["input_ids"], attention_mask, state, inp["state_mask"])
-        return self.backbone.encode_prefix(prefix), prefix
+        return self.backbone.encode_prefix(prefix, layers=layers, hidden=hidden), prefix
 
-    def _prefix(self, batch: Mapping[str, Any], generator: torch.Generator | None = None):
+    @property
+    def _head_reads_hidden(self) -> bool:
+        return getattr(self.head, "reads_prefix_hidden", True)
+
+    def _prefix(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, hidden: bool = True):
         inp = self.prepare_inputs(batch)
         image_mask, am = inp["image_mask"], inp["attention_mask"]
         if self.training and self.config.modality_dropout > 0:
             image_mask, am = self._modality_dropout(image_mask, am, generator)
-        pout, prefix = self._encode(inp, image_mask, am)
+        pout, prefix = self._encode(inp, image_mask, am, hidden=hidden)
         return inp["embodiment"], pout, prefix
 
     def _modality_dropout(self, image_mask: torch.Tensor, am: torch.Tensor, generator: torch.Generator | None):
@@ -173,7 +178,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
     def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Loss on a batch of the schema in robot units (see CONTRIBUTING.md); returns ``{"loss", ...}``."""
         self.validate(batch, training=True)
-        emb, pout, _ = self._prefix(batch, generator)
+        emb, pout, _ = self._prefix(batch, generator, hidden=self._head_reads_hidden)
         dev = self.device
         amask = self._masks(batch, "action", emb)
         actions = self.normalizer.normalize("action", batch["actions"].to(dev).float(), emb)
@@ -181,14 +186,28 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         return self.head.loss(self.backbone, pout, head_batch, generator=generator)
 
     # -- inference ------------------------------------------------------------------------------------------------
-    def infer(self, inputs: Mapping[str, torch.Tensor], noise: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
+    def fused_layers(self) -> dict[str, list]:
+        """Inference snapshots of the Gemma-shaped layers with fused projections for :meth:`infer`
+        (``{"backbone": [...], "head": [...]}``; the head's only if it runs Gemma layers). They copy the weights:
+        rebuild them, or ``refresh`` each, after the weights change."""
+        out = {"backbone": self.backbone.fused_layers()}
+        if hasattr(self.head, "fused_layers"):
+            out["head"] = self.head.fused_layers()
+        return out
+
+    def infer(self, inputs: Mapping[str, torch.Tensor], noise: torch.Tensor, num_steps: int | None = None,
+              fused: Mapping[str, list] | None = None) -> torch.Tensor:
         """Chunk ``[B, H, D]`` in robot units from :meth:`prepare_inputs` output and initial ``noise [B, H, D]``.
 
         No validation and no host syncs for the flow heads, so it can be captured in a CUDA graph
-        (:class:`chunkpolicy.runtime.graphs.CudaGraphPolicy`)."""
+        (:class:`chunkpolicy.runtime.graphs.CudaGraphPolicy`). ``fused``: :meth:`fused_layers` to run instead of the
+        modules (same numbers up to float rounding, fewer kernels)."""
         emb = inputs["embodiment"]
-        pout, _ = self._encode(inputs, inputs["image_mask"], inputs["attention_mask"])
-        out = self.head.sample(self.backbone, pout, {"action_mask": inputs["action_mask"]}, num_steps=num_steps, noise=noise)
+        fused = fused or {}
+        pout, _ = self._encode(inputs, inputs["image_mask"], inputs["attention_mask"], layers=fused.get("backbone"),
+                               hidden=self._head_reads_hidden)
+        kw = {"layers": fused["head"]} if "head" in fused else {}
+        out = self.head.sample(self.backbone, pout, {"action_mask": inputs["action_mask"]}, num_steps=num_steps, noise=noise, **kw)
         actions = self.normalizer.unnormalize("action", out.float(), emb, check=False)
         if self.config.delta_actions:
             base = inputs["state"][:, -1].gather(-1, self._delta_src[emb])

@@ -4,56 +4,106 @@ Eager PyTorch pays a Python + kernel-launch cost per op; a π0-size chunk is tho
 launch overhead, not FLOPs, dominates. :class:`CudaGraphPolicy` captures :meth:`ChunkPolicy.infer` (which has no host
 syncs) once for a fixed observation shape; each call then copies the new inputs into the captured buffers and replays.
 Works for heads whose sampling is sync-free (``flow_expert``, ``dit`` with ``objective="flow"``).
+
+By default the graph runs fused-projection snapshots of the Gemma layers (:meth:`ChunkPolicy.fused_layers`): the graph
+then reads copies of the weights, so after the policy's weights change call :meth:`CudaGraphPolicy.refresh_weights`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from chunkpolicy.models.policy import ChunkPolicy
 
 
+def capture(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``fn`` ``warmup`` times on a side stream (allocations, kernel selection, compilation), then capture one
+    call; returns the graph and the call's (static) output. ``fn`` must read and write only tensors that outlive the
+    graph and issue no host syncs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@contextlib.contextmanager
+def compiled_methods(policy: ChunkPolicy, compiled: Mapping[str, Callable]) -> Iterator[None]:
+    """Temporarily route ``backbone.embed_prefix`` / ``backbone.encode_prefix`` / ``head.velocity`` (keys
+    ``"backbone.<name>"`` / ``"head.<name>"``) through compiled versions; the policy is left as it was."""
+    targets = [(policy.backbone if k.startswith("backbone.") else policy.head, k.split(".", 1)[1], f) for k, f in compiled.items()]
+    for obj, name, f in targets:
+        setattr(obj, name, f)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for obj, name, _ in targets:
+            delattr(obj, name)
+
+
+def compile_policy_methods(policy: ChunkPolicy) -> dict[str, Callable]:
+    """``torch.compile`` (Inductor, static shapes) of the per-chunk and per-step functions: fuses each layer's
+    elementwise work (norms, RoPE, residuals, activations, softmax) into a few Triton kernels."""
+    return {
+        "backbone.embed_prefix": torch.compile(policy.backbone.embed_prefix, dynamic=False),
+        "backbone.encode_prefix": torch.compile(policy.backbone.encode_prefix, dynamic=False),
+        "head.velocity": torch.compile(policy.head.velocity, dynamic=False),
+    }
+
+
+def load_inputs(policy: ChunkPolicy, observation: Mapping[str, Any], buffers: Mapping[str, torch.Tensor]) -> None:
+    """Validate ``observation`` and copy its :meth:`ChunkPolicy.prepare_inputs` tensors into a graph's input
+    ``buffers`` (same shapes as the observation the graph was captured with)."""
+    policy.validate(observation, training=False)
+    for k, v in policy.prepare_inputs(observation).items():
+        if v.shape != buffers[k].shape:
+            raise ValueError(f"{k}: shape {tuple(v.shape)} differs from the captured {tuple(buffers[k].shape)}; capture a new graph")
+        buffers[k].copy_(v)
+
+
 class CudaGraphPolicy:
     """Callable like ``policy.predict_unified`` for observations shaped like ``example``; returns ``[B, H, D]``."""
 
     def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int | None = None, warmup: int = 3,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fuse: bool = True) -> None:
         """``compile=True`` first fuses the elementwise work of each layer with ``torch.compile`` (Inductor/Triton
-        kernels, captured like any other kernel), which matters at batch 1 where thousands of tiny kernels dominate."""
+        kernels, captured like any other kernel), which matters at batch 1 where thousands of tiny kernels dominate.
+        ``fuse=True`` runs fused-projection weight snapshots (see the module docstring)."""
         if policy.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the policy on a CUDA device, it is on {policy.device}")
         self.policy, self.num_steps = policy.eval(), num_steps
-        if compile:
-            policy.head.velocity = torch.compile(policy.head.velocity, dynamic=False)
-            policy.backbone.encode_prefix = torch.compile(policy.backbone.encode_prefix, dynamic=False)
-            policy.backbone.embed_prefix = torch.compile(policy.backbone.embed_prefix, dynamic=False)
+        self.fused = policy.fused_layers() if fuse else None
+        self.compiled = compile_policy_methods(policy) if compile else {}  # kept alive with the graph
         policy.validate(example, training=False)
-        with torch.no_grad():
+        with torch.no_grad(), compiled_methods(policy, self.compiled):
             self.inputs = {k: v.clone() for k, v in policy.prepare_inputs(example).items()}
             B = self.inputs["embodiment"].shape[0]
             self.noise = torch.randn(B, policy.config.horizon, policy.space.dim, device=policy.device,
                                      dtype=policy.backbone.state_proj.weight.dtype)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):  # warm-up allocations and kernel selection outside the graph
-                    policy.infer(self.inputs, self.noise, num_steps)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = policy.infer(self.inputs, self.noise, num_steps)
+            self.graph, self.out = capture(lambda: policy.infer(self.inputs, self.noise, num_steps, fused=self.fused), warmup)
+
+    def refresh_weights(self) -> None:
+        """Copy the policy's current weights into the fused snapshots the graph reads."""
+        if self.fused is not None:
+            for key, modules in (("backbone", self.policy.backbone.layers), ("head", getattr(self.policy.head, "layers", []))):
+                for snap, layer in zip(self.fused.get(key, []), modules):
+                    snap.refresh(layer)
+
+    def load_inputs(self, observation: Mapping[str, Any]) -> None:
+        load_inputs(self.policy, observation, self.inputs)
 
     @torch.no_grad()
     def __call__(self, observation: Mapping[str, Any], noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        self.policy.validate(observation, training=False)
-        new = self.policy.prepare_inputs(observation)
-        for k, v in new.items():
-            if v.shape != self.inputs[k].shape:
-                raise ValueError(f"{k}: shape {tuple(v.shape)} differs from the captured {tuple(self.inputs[k].shape)}; capture a new graph")
-            self.inputs[k].copy_(v)
+        self.load_inputs(observation)
         if noise is None:
             self.noise.normal_(generator=generator)
         else:

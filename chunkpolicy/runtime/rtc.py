@@ -16,7 +16,7 @@ objective). :class:`RealTimeChunking` is the executor; :func:`rtc_predict_fn` ma
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ def guided_sample(
     ``weights [H]`` from :func:`rtc_weights`; ``action_mask [B, D]``: invalid dims stay exactly 0."""
     m = action_mask.bool()[:, None, :].to(noise.dtype)
     w = weights.to(noise)[None, :, None] * m
+    target = target.to(noise.dtype)  # the vector-Jacobian product needs the velocity's dtype
     x, dt = noise * m, 1.0 / num_steps
     for i in range(num_steps):
         tau = i * dt
@@ -68,38 +69,112 @@ def guided_sample(
     return x.detach()
 
 
+def rtc_infer(policy: ChunkPolicy, inputs: Mapping[str, torch.Tensor], noise: torch.Tensor, target: torch.Tensor,
+              weights: torch.Tensor, num_steps: int, beta: float = 5.0, fused: Mapping[str, list] | None = None) -> torch.Tensor:
+    """Guided chunk ``[B, H, D]`` in robot units (unified space) from :meth:`ChunkPolicy.prepare_inputs` output,
+    ``noise [B, H, D]``, the previous chunk's actions as normalized unified ``target [B, H, D]`` and ``weights [H]``.
+
+    Like :meth:`ChunkPolicy.infer` it issues no host syncs, so :class:`CudaGraphRTC` can capture it (vector-Jacobian
+    products included). ``fused``: :meth:`ChunkPolicy.fused_layers` snapshots."""
+    head, fused = policy.head, fused or {}
+    pout, _ = policy._encode(inputs, inputs["image_mask"], inputs["attention_mask"], layers=fused.get("backbone"),
+                             hidden=policy._head_reads_hidden)
+    kw: dict[str, Any] = {}
+    if hasattr(head, "suffix_cache"):  # flow_expert: per-chunk constants once; the guided steps need gradients, so no KV buffers
+        kw = {"cache": head.suffix_cache(policy.backbone, pout, buffers=False), **({"layers": fused["head"]} if "head" in fused else {})}
+    x = guided_sample(lambda z, t: head.velocity(policy.backbone, pout, z, t, **kw), noise, target, weights,
+                      inputs["action_mask"], num_steps, beta)
+    return policy.normalizer.unnormalize("action", x.float(), inputs["embodiment"], check=False)
+
+
+def rtc_target(policy: ChunkPolicy, prefix: Any, embodiment: torch.Tensor, exec_horizon: int | None, prefix_len: int):
+    """Normalized unified ``target [B, H, D]`` and guidance ``weights [H]`` for the previous chunk's remaining actions
+    ``prefix [B, H', A]`` (robot units) of embodiment ids ``embodiment [B]`` (one embodiment)."""
+    H, D, dev = policy.config.horizon, policy.space.dim, policy.device
+    e = int(embodiment[0])
+    prev = torch.as_tensor(np.asarray(prefix), dtype=torch.float32, device=dev)
+    n = prev.shape[1]
+    s = exec_horizon if exec_horizon is not None else H - n
+    target = torch.zeros(prev.shape[0], H, D, device=dev)
+    target[:, :n] = policy.normalizer.normalize("action", policy.space.pad(prev, e, "action"), embodiment)
+    w = torch.as_tensor(rtc_weights(H, int(prefix_len), s), device=dev)
+    w[n:] = 0.0
+    return target, w
+
+
 def rtc_predict_fn(policy: ChunkPolicy, beta: float = 5.0, num_steps: int | None = None,
-                   exec_horizon: int | None = None, generator: torch.Generator | None = None) -> PredictFn:
+                   exec_horizon: int | None = None, generator: torch.Generator | None = None,
+                   cuda_graph: bool = False) -> PredictFn:
     """``predict_fn(obs, prefix=None, prefix_len=0) -> [B, H, A]`` (robot units) for :class:`RealTimeChunking`.
 
     ``obs`` is a batch-schema observation of one embodiment; ``prefix [B, H', A]`` is the previous chunk's remaining
-    actions (robot units), aligned with the new chunk's first steps; ``prefix_len`` the frozen delay ``d``."""
+    actions (robot units), aligned with the new chunk's first steps; ``prefix_len`` the frozen delay ``d``.
+    ``cuda_graph``: replay both kinds of chunk from CUDA graphs captured on the first call of each (fixed shapes)."""
     head = policy.head
     if not hasattr(head, "velocity"):
         raise ValueError(f"rtc needs a flow head with velocity(); {policy.config.head!r} has none")
     steps = num_steps or getattr(head.cfg, "num_steps", 10)
+    graphs: dict[str, Any] = {}
 
     @torch.no_grad()
     def predict(obs: dict, prefix: Any = None, prefix_len: int = 0) -> torch.Tensor:
         if prefix is None:
-            return policy.predict_chunk(obs, num_steps=steps, generator=generator)
+            if not cuda_graph:
+                return policy.predict_chunk(obs, num_steps=steps, generator=generator)
+            if "plain" not in graphs:
+                from chunkpolicy.runtime.graphs import CudaGraphPolicy
+
+                graphs["plain"] = CudaGraphPolicy(policy, obs, num_steps=steps)
+            e = int(torch.as_tensor(obs["embodiment"])[0])
+            return policy.space.unpad(graphs["plain"](obs, generator=generator), e, "action")
         policy.validate(obs, training=False)
         inp = policy.prepare_inputs(obs)
-        emb, H, D = inp["embodiment"], policy.config.horizon, policy.space.dim
-        e = int(emb[0])
-        prev = torch.as_tensor(np.asarray(prefix), dtype=torch.float32, device=policy.device)
-        n = prev.shape[1]
-        s = exec_horizon if exec_horizon is not None else H - n
-        target = torch.zeros(prev.shape[0], H, D, device=policy.device)
-        target[:, :n] = policy.normalizer.normalize("action", policy.space.pad(prev, e, "action"), emb)
-        w = torch.as_tensor(rtc_weights(H, int(prefix_len), s), device=policy.device)
-        w[n:] = 0.0
-        pout, _ = policy._encode(inp, inp["image_mask"], inp["attention_mask"])
-        noise = torch.randn(prev.shape[0], H, D, generator=generator, device=policy.device)
-        x = guided_sample(lambda z, t: head.velocity(policy.backbone, pout, z, t), noise, target, w, inp["action_mask"], steps, beta)
-        return policy.space.unpad(policy.normalizer.unnormalize("action", x, emb), e, "action")
+        emb = inp["embodiment"]
+        target, w = rtc_target(policy, prefix, emb, exec_horizon, prefix_len)
+        noise = torch.randn(target.shape, generator=generator, device=policy.device)
+        if cuda_graph:
+            if "guided" not in graphs:
+                graphs["guided"] = CudaGraphRTC(policy, obs, num_steps=steps, beta=beta)
+            out = graphs["guided"](obs, target, w, noise)
+        else:
+            out = rtc_infer(policy, inp, noise.to(policy.backbone.state_proj.weight.dtype), target, w, steps, beta)
+        return policy.space.unpad(out, int(emb[0]), "action")
 
     return predict
+
+
+class CudaGraphRTC:
+    """:func:`rtc_infer` replayed from one CUDA graph (prefix, every step's forward and vector-Jacobian product) for
+    observations shaped like ``example``; fused-projection weight snapshots as in
+    :class:`~chunkpolicy.runtime.graphs.CudaGraphPolicy`."""
+
+    def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int = 10, beta: float = 5.0,
+                 fuse: bool = True, warmup: int = 2) -> None:
+        from chunkpolicy.runtime.graphs import capture
+
+        self.policy = policy.eval()
+        policy.validate(example, training=False)
+        dt = policy.backbone.state_proj.weight.dtype
+        with torch.no_grad():
+            self.inputs = {k: v.clone() for k, v in policy.prepare_inputs(example).items()}
+            B, H, D = self.inputs["embodiment"].shape[0], policy.config.horizon, policy.space.dim
+            self.noise, self.target = torch.zeros(B, H, D, device=policy.device, dtype=dt), torch.zeros(B, H, D, device=policy.device)
+            self.weights = torch.zeros(H, device=policy.device, dtype=torch.float64)
+            self.fused = policy.fused_layers() if fuse else None
+            self.graph, self.out = capture(lambda: rtc_infer(policy, self.inputs, self.noise, self.target, self.weights, num_steps,
+                                                             beta, self.fused), warmup)
+
+    @torch.no_grad()
+    def __call__(self, observation: Mapping[str, Any], target: torch.Tensor, weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Guided chunk ``[B, H, D]`` (robot units, unified); arguments as for :func:`rtc_infer`."""
+        from chunkpolicy.runtime.graphs import load_inputs
+
+        load_inputs(self.policy, observation, self.inputs)
+        self.target.copy_(target)
+        self.weights.copy_(weights)
+        self.noise.copy_(noise)
+        self.graph.replay()
+        return self.out.clone()
 
 
 class RealTimeChunking(ChunkExecutor):

@@ -12,20 +12,30 @@ Action tokens: ``Linear(D → w)(x_τ)`` concatenated with a sinusoidal embeddin
 
 Invalid unified dims (``action_mask`` False) are held at exactly 0 in the noisy input during training and sampling,
 so what the expert sees for them never depends on data or noise; padded steps are sampled but never supervised.
+
+Sampling speed: what does not change across Euler steps (RoPE of the action positions, the key bias, the prefix KV
+placed in one preallocated ``[B, kv_heads, P + H, d]`` buffer per layer whose tail the actions' KV overwrites each step)
+is built once per chunk (:class:`SuffixCache`); the actions attend with :func:`attend_few`; ``layers`` may be
+:class:`~chunkpolicy.models.backbone.FusedLayer` snapshots. The expert reads only the backbone's keys/values, so the
+backbone's last-layer query and output projections, MLP and final norm are never used: they are frozen here (and skipped in
+:meth:`Backbone.encode_prefix` with ``hidden=False``), which also spares DDP's unused-parameter search.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GemmaConfig
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm
 
 from chunkpolicy.models import flow
-from chunkpolicy.models.backbone import Backbone, Prefix, PrefixOutput, attend, blockwise_mask, finish, qkv, sinusoidal_embedding
+from chunkpolicy.models.backbone import (Backbone, FusedLayer, Prefix, PrefixOutput, attend, attend_few, blockwise_mask, finish,
+                                         mask_bias, qkv, sinusoidal_embedding)
 from chunkpolicy.models.heads.base import ActionHead, register_head
 from chunkpolicy.models.losses import masked_mean
 
@@ -41,8 +51,23 @@ class FlowExpertConfig:
     max_period: float = 4.0
 
 
+@dataclass
+class SuffixCache:
+    """Per-chunk constants of the Euler loop: ``cos/sin [B, H, d]`` RoPE of the action positions, additive key
+    ``bias [B, 1, 1, P + H]`` (0 or -inf), and per layer ``keys/values [B, kv_heads, P + H, d]`` holding the prefix
+    KV in ``[:P]`` (None when gradients are on: then each step concatenates instead of writing in place)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    bias: torch.Tensor
+    keys: list[torch.Tensor] | None
+    values: list[torch.Tensor] | None
+
+
 @register_head("flow_expert", FlowExpertConfig)
 class FlowExpertHead(ActionHead):
+    reads_prefix_hidden = False  # only the per-layer keys/values: see the module docstring
+
     def __init__(self, cfg: FlowExpertConfig, backbone: Backbone, horizon: int, action_dim: int) -> None:
         super().__init__(cfg, backbone, horizon, action_dim)
         if backbone.num_layers == 0:
@@ -67,6 +92,13 @@ class FlowExpertHead(ActionHead):
         for lin in (self.action_in, self.time_in, self.time_out, self.action_out):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
+        last = backbone.layers[-1]
+        for m in (last.self_attn.q_proj, last.self_attn.o_proj, last.post_attention_layernorm, last.mlp, backbone.language_model.norm):
+            m.requires_grad_(False)  # never reached from the loss (see the module docstring)
+
+    def fused_layers(self) -> list[FusedLayer]:
+        """Inference snapshots of the expert layers (see :class:`~chunkpolicy.models.backbone.FusedLayer`)."""
+        return [FusedLayer(layer) for layer in self.layers]
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def embed_actions(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -79,17 +111,41 @@ class FlowExpertHead(ActionHead):
     def _suffix_positions(self, next_position: torch.Tensor) -> torch.Tensor:
         return next_position[:, None] + torch.arange(self.horizon, device=next_position.device)[None]
 
-    def velocity(self, backbone: Backbone, prefix_out: PrefixOutput, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """Predicted velocity ``[B, H, D]`` for noisy chunk ``x`` at flow time ``tau [B]``, using the cached prefix KV."""
+    def suffix_cache(self, backbone: Backbone, prefix_out: PrefixOutput, buffers: bool | None = None) -> SuffixCache:
+        """The per-chunk constants (:class:`SuffixCache`) for ``prefix_out``; ``buffers``: preallocate the KV buffers
+        (default: when gradients are off, the only case in which they are used)."""
+        valid, (pk0, _) = prefix_out.valid, prefix_out.kv[0]
+        B, P, H = valid.shape[0], valid.shape[1], self.horizon
+        cos, sin = backbone.rope(pk0, self._suffix_positions(prefix_out.next_position))
+        bias = mask_bias(torch.cat([valid, torch.ones(B, H, dtype=torch.bool, device=valid.device)], 1))[:, None, None]
+        keys = values = None
+        if (not torch.is_grad_enabled()) if buffers is None else buffers:
+            keys, values = [], []
+            for pk, pv in prefix_out.kv:
+                for src, dst in ((pk, keys), (pv, values)):
+                    buf = src.new_empty(B, src.shape[1], P + H, src.shape[3])
+                    buf[:, :, :P] = src
+                    dst.append(buf)
+        return SuffixCache(cos, sin, bias, keys, values)
+
+    def velocity(self, backbone: Backbone, prefix_out: PrefixOutput, x: torch.Tensor, tau: torch.Tensor, *,
+                 cache: SuffixCache | None = None, layers: Sequence[nn.Module | FusedLayer] | None = None) -> torch.Tensor:
+        """Predicted velocity ``[B, H, D]`` for noisy chunk ``x`` at flow time ``tau [B]``, using the cached prefix KV.
+
+        ``cache``: :meth:`suffix_cache` of ``prefix_out`` (built here when None); ``layers``: fused snapshots
+        (:meth:`fused_layers`) to run instead of the modules."""
+        c = self.suffix_cache(backbone, prefix_out) if cache is None else cache
         h = self.embed_actions(x, tau)
-        B, H = h.shape[:2]
-        cos, sin = backbone.rope(h, self._suffix_positions(prefix_out.next_position))
-        # actions attend to every valid prefix token and to all actions
-        mask = torch.cat([prefix_out.valid, torch.ones(B, H, dtype=torch.bool, device=h.device)], 1)[:, None, None, :]
-        for layer, (pk, pv) in zip(self.layers, prefix_out.kv):
-            q, k, v = qkv(layer, h, cos, sin)
-            k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
-            h = finish(layer, h, attend(layer, q, k, v, mask))
+        layers = self.layers if layers is None else layers
+        in_place = c.keys is not None and not torch.is_grad_enabled()
+        ckpt = backbone.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, (layer, (pk, pv)) in enumerate(zip(layers, prefix_out.kv)):
+            if in_place:
+                h = _expert_step_in_place(layer, h, c.cos, c.sin, c.bias, c.keys[i], c.values[i])
+            elif ckpt:
+                h = checkpoint(_expert_step, layer, h, c.cos, c.sin, c.bias, pk, pv, use_reentrant=False)
+            else:
+                h = _expert_step(layer, h, c.cos, c.sin, c.bias, pk, pv)
         return self.action_out(self.norm(h))
 
     def joint_velocity(self, backbone: Backbone, prefix: Prefix, x: torch.Tensor, tau: torch.Tensor,
@@ -125,17 +181,40 @@ class FlowExpertHead(ActionHead):
         x_t = flow.interpolate(a, noise, tau)
         # padded steps are unsupervised; their (data-dependent) content must not leak through attention either
         x_t = torch.where(pad[:, :, None], noise, x_t)
-        v = self.velocity(backbone, prefix_out, x_t, tau)
-        loss = masked_mean((v - flow.target_velocity(a, noise)) ** 2, amask, pad)
+        dt = self.action_in.weight.dtype  # bf16 weights without autocast: the expert runs in bf16, the loss in fp32
+        v = self.velocity(backbone, prefix_out, x_t.to(dt), tau.to(dt)).float()
+        loss = masked_mean((v - flow.target_velocity(a, noise).float()) ** 2, amask, pad)
         return {"loss": loss}
 
     def sample(self, backbone: Backbone, prefix_out: PrefixOutput, batch: dict, *, num_steps: int | None = None,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               layers: Sequence[nn.Module | FusedLayer] | None = None) -> torch.Tensor:
         amask = batch["action_mask"].bool()[:, None, :]
-        B = prefix_out.hidden.shape[0]
+        pk0 = prefix_out.kv[0][0]
         if noise is None:
-            noise = torch.randn(B, self.horizon, self.action_dim, generator=generator, device=prefix_out.hidden.device,
-                                dtype=prefix_out.hidden.dtype)
+            noise = torch.randn(pk0.shape[0], self.horizon, self.action_dim, generator=generator, device=pk0.device, dtype=pk0.dtype)
         noise = noise * amask
         m = amask.to(noise.dtype)
-        return flow.euler_integrate(lambda x, t: self.velocity(backbone, prefix_out, x, t) * m, noise, num_steps or self.cfg.num_steps)
+        cache = self.suffix_cache(backbone, prefix_out)
+        return flow.euler_integrate(lambda x, t: self.velocity(backbone, prefix_out, x, t, cache=cache, layers=layers) * m,
+                                    noise, num_steps or self.cfg.num_steps)
+
+
+def _scaling(layer: nn.Module | FusedLayer) -> float:
+    return layer.scaling if isinstance(layer, FusedLayer) else layer.self_attn.scaling
+
+
+def _expert_step(layer, h, cos, sin, bias, pk, pv):
+    """One expert layer over the action tokens ``h [B, H, w]`` against ``[prefix KV | their own KV]``."""
+    q, k, v = qkv(layer, h, cos, sin, heads_first=False)
+    k, v = torch.cat([pk.to(k.dtype), k.transpose(1, 2)], 2), torch.cat([pv.to(v.dtype), v.transpose(1, 2)], 2)
+    return finish(layer, h, attend_few(q, k, v, bias, _scaling(layer)))
+
+
+def _expert_step_in_place(layer, h, cos, sin, bias, keys, values):
+    """Same as :func:`_expert_step` with the actions' KV written into the tail of preallocated ``keys/values``."""
+    q, k, v = qkv(layer, h, cos, sin, heads_first=False)
+    P = keys.shape[2] - k.shape[1]
+    keys[:, :, P:] = k.transpose(1, 2)
+    values[:, :, P:] = v.transpose(1, 2)
+    return finish(layer, h, attend_few(q, keys, values, bias, _scaling(layer)))
