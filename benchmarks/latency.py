@@ -2,8 +2,8 @@
 
 Latency (``--part latency``): batch 1, H=50, 10 flow steps (10 DDIM steps for dit), bf16, 1 and 3 cameras at
 224x224, 48 prompt tokens, median and p90 over --calls calls after warm-up, CUDA-synchronized; peak GPU memory.
-chunkpolicy flow_expert runs eager, as a whole-chunk CUDA graph over fused-projection weights, and (--compile) with
-torch.compile inside the graph; each graphed output is checked against eager. Real-time chunking: the guided chunk
+chunkpolicy flow_expert runs eager, as a whole-chunk CUDA graph over fused-projection weights, and with torch.compile
+inside the graph (--modes); each graphed output is checked against eager. Real-time chunking: the guided chunk
 (vector-Jacobian product at each step) eager and as a CUDA graph. The tokens head (bins, FAST) is autoregressive, so it
 gets 1 camera and few calls. LeRobot pi0 gets token ids directly (its pre-processor needs a hub tokenizer).
 
@@ -13,7 +13,7 @@ chunkpolicy (bf16 weights; fp32 master weights + bf16 autocast at the first batc
 gradient checkpointing. MFU = model FLOPs per sample (counted by FlopCounterMode on one forward + backward of ours;
 the same architecture and shapes for LeRobot) x samples/s / 989 TFLOP/s (dense bf16, H100 SXM).
 
-    python benchmarks/latency.py --compile --out latency.json          # GPU, pi0-size (paligemma-3b)
+    python benchmarks/latency.py --out latency.json                    # GPU, pi0-size (paligemma-3b)
     python benchmarks/latency.py --quick --device cpu --out q.json     # smoke test with the tiny preset
 """
 
@@ -94,9 +94,13 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+SAVE = [lambda: None]  # main() puts the results writer here: partial results survive a timeout
+
+
 def record(rows: list, row: dict) -> None:
     rows.append(row)
     print(row, flush=True)
+    SAVE[0]()
 
 
 def profile_table(fn, device: str, path: str, rows: int = 40) -> None:
@@ -121,16 +125,19 @@ def flow_latency(args, rows, results) -> None:
     policy = make_policy(args.preset, "flow_expert", {}, dev, dtype).eval()
     n_params = sum(p.numel() for p in policy.parameters())
     base = {"model": "chunkpolicy flow_expert", "params": n_params}
-    for n_cam in (1, 3):
+    for n_cam in args.cams:
         reset_peak(dev)
         obs = observation(n_cam, 1, dev, args.image_size)
         noise = torch.randn(1, H, 32, device=dev, dtype=dtype)
         with torch.no_grad():
             ref = policy.predict_unified(obs, noise=noise, num_steps=STEPS)
-        r = timeit(lambda: policy.predict_unified(obs, num_steps=STEPS), args.calls, 2, dev)
-        record(rows, {**base, "cameras": n_cam, "mode": "eager", **r, "peak_gb": peak_gb(dev)})
-        variants = ([("cuda_graph unfused", False, False)] if args.unfused and n_cam == 1 else []) + [("cuda_graph", False, True)]
-        variants = variants + ([("compile+cuda_graph", True, True)] if args.compile else []) if dev.startswith("cuda") else []
+        if "eager" in args.modes:
+            r = timeit(lambda: policy.predict_unified(obs, num_steps=STEPS), args.calls, 2, dev)
+            record(rows, {**base, "cameras": n_cam, "mode": "eager", **r, "peak_gb": peak_gb(dev)})
+        table = {"unfused": ("cuda_graph unfused", False, False), "graph": ("cuda_graph", False, True),
+                 "compile": ("compile+cuda_graph", True, True),
+                 "autotune": ("compile(max-autotune step)+cuda_graph", "max-autotune-no-cudagraphs", True)}
+        variants = [table[m] for m in args.modes if m in table] if dev.startswith("cuda") else []
         for mode, comp, fuse in variants:
             try:
                 t0 = time.perf_counter()
@@ -140,8 +147,9 @@ def flow_latency(args, rows, results) -> None:
                 r = timeit(lambda: graphed(obs), args.calls * 2, 5, dev)
                 record(rows, {**base, "cameras": n_cam, "mode": mode, **r, "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff,
                               "build_s": round(build_s, 1)})
-                if args.profile_dir and n_cam == 1 and mode == variants[-1][0]:
-                    profile_table(lambda: graphed(obs), dev, f"{args.profile_dir}/profile_flow_{mode.replace('+', '_')}.txt")
+                if args.profile_dir and n_cam == 1 and comp:
+                    name = mode.replace("+", "_").replace("(", "_").replace(")", "").replace(" ", "_")
+                    profile_table(lambda: graphed(obs), dev, f"{args.profile_dir}/profile_flow_{name}.txt")
                 del graphed
             except Exception as e:  # record and go on: one failure must not hide the other numbers
                 results.setdefault("errors", []).append(f"flow_expert {mode} {n_cam} cams: {type(e).__name__}: {e}")
@@ -172,18 +180,19 @@ def rtc_latency(args, policy, obs, rows, results, base, rtc_infer, rtc_target, C
         if dev.startswith("cuda"):
             with torch.no_grad():
                 ref = rtc_infer(policy, inp, noise, target, w, STEPS)
-            t0 = time.perf_counter()
-            graphed = CudaGraphRTC(policy, obs, num_steps=STEPS)
-            build_s = time.perf_counter() - t0
-            out = graphed(obs, target, w, noise)
-            diff = float((out.float() - ref.float()).abs().max())
             with torch.no_grad():
                 free = policy.predict_unified(obs, noise=noise, num_steps=STEPS)
-            r = timeit(lambda: graphed(obs, target, w, noise), args.calls * 2, 5, dev)
-            record(rows, {**base, "cameras": 1, "mode": "rtc cuda_graph", **r, "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff,
-                          "build_s": round(build_s, 1), "frozen_steps_error_guided": frozen_error(out),
-                          "frozen_steps_error_unguided": frozen_error(free)})
-            del graphed
+            for mode, comp in [("rtc cuda_graph", False)] + ([("rtc compile+cuda_graph", True)] if "compile" in args.modes else []):
+                t0 = time.perf_counter()
+                graphed = CudaGraphRTC(policy, obs, num_steps=STEPS, compile=comp)
+                build_s = time.perf_counter() - t0
+                out = graphed(obs, target, w, noise)
+                diff = float((out.float() - ref.float()).abs().max())
+                r = timeit(lambda: graphed(obs, target, w, noise), args.calls * 2, 5, dev)
+                record(rows, {**base, "cameras": 1, "mode": mode, **r, "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff,
+                              "build_s": round(build_s, 1), "frozen_steps_error_guided": frozen_error(out),
+                              "frozen_steps_error_unguided": frozen_error(free)})
+                del graphed
     except Exception as e:
         results.setdefault("errors", []).append(f"rtc: {type(e).__name__}: {e}")
         traceback.print_exc()
@@ -247,7 +256,7 @@ def lerobot_batch(n_cam: int, B: int, device: str) -> dict:
 
 
 def lerobot_latency(args, rows, results) -> None:
-    for n_cam in (1, 3):
+    for n_cam in args.cams:
         reset_peak(args.device)
         try:
             pol = lerobot_pi0(n_cam, args.device).eval()
@@ -274,10 +283,13 @@ def train_rate(step, batch_size: int, steps: int, device: str) -> float:
     return batch_size * steps / (time.perf_counter() - t)
 
 
-def ours_train_setup(args, preset: str, B: int, bf16_weights: bool, ckpt: bool):
+def ours_train_setup(args, preset: str, B: int, bf16_weights: bool, ckpt: bool, compile_layers: bool = False):
     dev = args.device
     policy = make_policy(preset, "flow_expert", {}, dev, torch.bfloat16 if bf16_weights else torch.float32).train()
     policy.backbone.set_gradient_checkpointing(ckpt)
+    if compile_layers:
+        policy.backbone.compile_layers()
+        policy.head.compile_layers()
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5, fused=dev.startswith("cuda"))
     size = policy.backbone.config.image_size
     batch = dict(observation(1, B, dev, size), actions=policy.space.pad(torch.randn(B, H, ACT_DIM, device=dev), 0, "action"),
@@ -295,14 +307,27 @@ def ours_train_setup(args, preset: str, B: int, bf16_weights: bool, ckpt: bool):
 
 
 def flops_per_sample(args, preset: str) -> float:
-    """Model FLOPs of one training sample (forward + backward), counted on a batch of 1."""
+    """Model FLOPs of one training sample (forward + backward), counted on a batch of 1. FlopCounterMode's SDPA
+    formula rejects grouped-query shapes, so keys/values are expanded to every head while counting (same FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    import chunkpolicy.models.backbone as bb
+
+    def sdpa(q, k, v, enable_gqa=False, **kw):
+        if enable_gqa:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return sdpa0(q, k, v, **kw)
+
+    sdpa0 = bb.F.scaled_dot_product_attention
     policy, _, step = ours_train_setup(args, preset, 1, True, False)
-    with FlopCounterMode(display=False) as fc:
-        policy.compute_loss(dict(observation(1, 1, args.device, policy.backbone.config.image_size),
-                                 actions=torch.zeros(1, H, 32, device=args.device),
-                                 action_is_pad=torch.zeros(1, H, dtype=torch.bool, device=args.device)))["loss"].backward()
+    bb.F.scaled_dot_product_attention = sdpa  # F is torch.nn.functional: restored below
+    try:
+        with FlopCounterMode(display=False) as fc:
+            policy.compute_loss(dict(observation(1, 1, args.device, policy.backbone.config.image_size),
+                                     actions=torch.zeros(1, H, 32, device=args.device),
+                                     action_is_pad=torch.zeros(1, H, dtype=torch.bool, device=args.device)))["loss"].backward()
+    finally:
+        bb.F.scaled_dot_product_attention = sdpa0
     del policy, step
     return float(fc.get_total_flops())
 
@@ -339,10 +364,10 @@ def throughput(args, rows, results) -> None:
     peak = next((v for k, v in PEAK_FLOPS.items() if dev.startswith("cuda") and k in torch.cuda.get_device_name()), None)
     holder: dict = {}
 
-    def ours(preset, B, bf16):
+    def ours(preset, B, bf16, comp=False):
         def make(ckpt):
             holder.clear()
-            holder["p"], holder["o"], step = ours_train_setup(args, preset, B, bf16, ckpt)
+            holder["p"], holder["o"], step = ours_train_setup(args, preset, B, bf16, ckpt, comp)
             return step
         return make
 
@@ -352,6 +377,9 @@ def throughput(args, rows, results) -> None:
         for i, B in enumerate(args.train_batch):
             prof = f"{args.profile_dir}/profile_train_{preset}_bs{B}.txt" if args.profile_dir and i == 0 else None
             measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True), B, flops, peak, {"weights": "bf16"}, prof)
+            if args.compile_train:
+                measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True, True), B, flops, peak,
+                        {"weights": "bf16", "compiled_layers": True})
             if i == 0 and preset == args.preset:
                 measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, False), B, flops, peak,
                         {"weights": "fp32 + bf16 autocast"})
@@ -391,14 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--only", default="all", help="comma list of other heads: dit (DDIM), tokens (bins), tokens (FAST), none")
     p.add_argument("--skip-lerobot", action="store_true")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile + CUDA graph (a minute of compile per shape)")
+    p.add_argument("--modes", default="eager,graph,compile",
+                   help="flow_expert modes: eager, unfused (CUDA graph over unfused layers), graph, compile (torch.compile + "
+                        "graph, a minute of compile per shape), autotune (max-autotune for the step, minutes)")
+    p.add_argument("--cams", default="1,3")
     p.add_argument("--no-rtc", dest="rtc", action="store_false")
-    p.add_argument("--unfused", action="store_true", help="also a CUDA graph over the unfused layers (1 camera)")
+    p.add_argument("--no-flow", dest="flow", action="store_false", help="skip the flow_expert latency rows")
+    p.add_argument("--compile-train", action="store_true", help="also train with compiled layers (Backbone.compile_layers)")
     p.add_argument("--profile-dir", help="write GPU kernel tables (graphed flow chunk, training step) here")
     p.add_argument("--quick", action="store_true", help="tiny preset, few calls (CPU smoke test)")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",")]
     args.train_batch = [int(b) for b in args.train_batch.split(",")]
+    args.modes, args.cams = args.modes.split(","), [int(c) for c in args.cams.split(",")]
     args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     args.image_size = 224
     if args.quick:
@@ -415,10 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["transformers"] = transformers.__version__
     lat, thr = [], []
     results["latency"], results["throughput"] = lat, thr
-    save = lambda: Path(args.out).write_text(json.dumps(results, indent=2))  # noqa: E731  (partial results survive a timeout)
+    save = SAVE[0] = lambda: Path(args.out).write_text(json.dumps(results, indent=2))  # noqa: E731
     if args.part in ("all", "latency"):
-        flow_latency(args, lat, results)
-        save()
+        if args.flow:
+            flow_latency(args, lat, results)
+            save()
         other_heads_latency(args, lat, results)
         save()
         if not args.skip_lerobot:
@@ -432,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['model']} | {r['cameras']} | {r['mode']} | {r['median_ms']} | {r['p90_ms']} | {r['peak_gb']} |")
     print("\n| model | batch | weights | ckpt | samples/s | MFU | peak GB |\n|---|---|---|---|---|---|---|")
     for r in thr:
-        print(f"| {r['model']} | {r['batch']} | {r.get('weights')} | {r['gradient_checkpointing']} | {r['samples_per_s']} | {r.get('mfu', '')} | {r['peak_gb']} |")
+        w = r.get("weights", "") + (" + compiled layers" if r.get("compiled_layers") else "")
+        print(f"| {r['model']} | {r['batch']} | {w} | {r['gradient_checkpointing']} | {r['samples_per_s']} | {r.get('mfu', '')} | {r['peak_gb']} |")
     for e in results.get("errors", []):
         print("ERROR", e)
     return 0

@@ -206,6 +206,10 @@ def attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     The query heads that share a KV head are folded into rows (with one KV head, as in Gemma-2B, every reshape here is a
     view), scores and softmax in fp32 as flash attention keeps them. On an H100 the fused SDPA kernels take ~30 µs for
     the action expert's 8×50 queries over ~355 keys (they run on a handful of SMs); this is 3 short kernels."""
+    if k.shape[2] % 8:  # pad the keys to a multiple of 8: unaligned row strides send cuBLAS to slow kernels
+        pad = (-k.shape[2]) % 8
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        bias = F.pad(bias, (0, pad), value=float("-inf"))
     B, L, h, d = q.shape
     hk, Lk = k.shape[1], k.shape[2]
     g = h // hk
@@ -273,6 +277,7 @@ class Backbone(nn.Module):
         self.width, self.num_layers = config.width, (config.depth if config.variant == "paligemma" else 0)
         self.num_kv_heads, self.head_dim, self.vocab_size = config.kv_heads, config.head_dim, config.vocab_size
         self.gradient_checkpointing = False
+        self._layer_step = _layer_step  # compile_layers() swaps in a compiled version
 
     def set_gradient_checkpointing(self, on: bool = True) -> None:
         """Recompute each vision and LM layer in the backward pass instead of storing its activations (heads that run
@@ -282,6 +287,16 @@ class Backbone(nn.Module):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_disable()
+
+    def compile_layers(self, **compile_kw: Any) -> None:
+        """``torch.compile`` the per-layer work for training: each vision layer and the LM layer function (compiled
+        once, reused by every layer: same code, parameters are inputs). Fuses norms, RoPE, residuals and activations
+        in the forward and backward passes. (Inference compiles whole functions: ``CudaGraphPolicy(compile=True)``.)"""
+        compile_kw.setdefault("dynamic", False)
+        if self.num_layers:
+            for layer in self.model.vision_tower.vision_model.encoder.layers:
+                layer.compile(**compile_kw)
+        self._layer_step = torch.compile(_layer_step, **compile_kw)
 
     def fused_layers(self) -> list[FusedLayer]:
         """Inference snapshots of the LM layers (see :class:`FusedLayer`), for ``encode_prefix(layers=...)``."""
@@ -365,9 +380,9 @@ class Backbone(nn.Module):
             for i, layer in enumerate(layers):
                 last = i == len(layers) - 1 and not hidden
                 if ckpt:
-                    x, k, v = checkpoint(_layer_step, layer, x, cos, sin, mask, last, use_reentrant=False)
+                    x, k, v = checkpoint(self._layer_step, layer, x, cos, sin, mask, last, use_reentrant=False)
                 else:
-                    x, k, v = _layer_step(layer, x, cos, sin, mask, last)
+                    x, k, v = self._layer_step(layer, x, cos, sin, mask, last)
                 kv.append((k, v))
         out = self.model.language_model.norm(x) if hidden else None
         nxt = prefix.positions.max(dim=1).values + 1

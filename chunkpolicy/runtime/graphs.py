@@ -49,13 +49,15 @@ def compiled_methods(policy: ChunkPolicy, compiled: Mapping[str, Callable]) -> I
             delattr(obj, name)
 
 
-def compile_policy_methods(policy: ChunkPolicy) -> dict[str, Callable]:
+def compile_policy_methods(policy: ChunkPolicy, step_mode: str | None = None) -> dict[str, Callable]:
     """``torch.compile`` (Inductor, static shapes) of the per-chunk and per-step functions: fuses each layer's
-    elementwise work (norms, RoPE, residuals, activations, softmax) into a few Triton kernels."""
+    elementwise work (norms, RoPE, residuals, activations, softmax) into a few Triton kernels. ``step_mode``: Inductor
+    mode for the per-step ``velocity`` only, e.g. ``"max-autotune-no-cudagraphs"`` (benchmarks Triton GEMM templates
+    for the 50-row matmuls; minutes of compilation)."""
     return {
         "backbone.embed_prefix": torch.compile(policy.backbone.embed_prefix, dynamic=False),
         "backbone.encode_prefix": torch.compile(policy.backbone.encode_prefix, dynamic=False),
-        "head.velocity": torch.compile(policy.head.velocity, dynamic=False),
+        "head.velocity": torch.compile(policy.head.velocity, dynamic=False, mode=step_mode),
     }
 
 
@@ -73,15 +75,17 @@ class CudaGraphPolicy:
     """Callable like ``policy.predict_unified`` for observations shaped like ``example``; returns ``[B, H, D]``."""
 
     def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int | None = None, warmup: int = 3,
-                 compile: bool = False, fuse: bool = True) -> None:
+                 compile: bool | str = False, fuse: bool = True) -> None:
         """``compile=True`` first fuses the elementwise work of each layer with ``torch.compile`` (Inductor/Triton
-        kernels, captured like any other kernel), which matters at batch 1 where thousands of tiny kernels dominate.
+        kernels, captured like any other kernel), which matters at batch 1 where thousands of tiny kernels dominate;
+        a string is the Inductor mode for the per-step function (:func:`compile_policy_methods`).
         ``fuse=True`` runs fused-projection weight snapshots (see the module docstring)."""
         if policy.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the policy on a CUDA device, it is on {policy.device}")
         self.policy, self.num_steps = policy.eval(), num_steps
         self.fused = policy.fused_layers() if fuse else None
-        self.compiled = compile_policy_methods(policy) if compile else {}  # kept alive with the graph
+        step_mode = compile if isinstance(compile, str) else None
+        self.compiled = compile_policy_methods(policy, step_mode) if compile else {}  # kept alive with the graph
         policy.validate(example, training=False)
         with torch.no_grad(), compiled_methods(policy, self.compiled):
             self.inputs = {k: v.clone() for k, v in policy.prepare_inputs(example).items()}

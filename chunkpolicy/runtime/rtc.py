@@ -149,8 +149,10 @@ class CudaGraphRTC:
     :class:`~chunkpolicy.runtime.graphs.CudaGraphPolicy`."""
 
     def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int = 10, beta: float = 5.0,
-                 fuse: bool = True, warmup: int = 2) -> None:
-        from chunkpolicy.runtime.graphs import capture
+                 fuse: bool = True, warmup: int = 2, compile: bool = False) -> None:
+        """``compile``: ``torch.compile`` the prefix and velocity functions inside the graph, as ``CudaGraphPolicy``
+        does (the velocity compiles with its backward, for the vector-Jacobian products)."""
+        from chunkpolicy.runtime.graphs import capture, compile_policy_methods, compiled_methods
 
         self.policy = policy.eval()
         policy.validate(example, training=False)
@@ -161,8 +163,10 @@ class CudaGraphRTC:
             self.noise, self.target = torch.zeros(B, H, D, device=policy.device, dtype=dt), torch.zeros(B, H, D, device=policy.device)
             self.weights = torch.zeros(H, device=policy.device, dtype=torch.float64)
             self.fused = policy.fused_layers() if fuse else None
-            self.graph, self.out = capture(lambda: rtc_infer(policy, self.inputs, self.noise, self.target, self.weights, num_steps,
-                                                             beta, self.fused), warmup)
+            self.compiled = compile_policy_methods(policy) if compile else {}
+            with compiled_methods(policy, self.compiled):
+                self.graph, self.out = capture(lambda: rtc_infer(policy, self.inputs, self.noise, self.target, self.weights,
+                                                                 num_steps, beta, self.fused), warmup)
 
     @torch.no_grad()
     def __call__(self, observation: Mapping[str, Any], target: torch.Tensor, weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

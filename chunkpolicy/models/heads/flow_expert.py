@@ -24,7 +24,7 @@ backbone's last-layer query and output projections, MLP and final norm are never
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +54,17 @@ class FlowExpertConfig:
 @dataclass
 class SuffixCache:
     """Per-chunk constants of the Euler loop: ``cos/sin [B, H, d]`` RoPE of the action positions, additive key
-    ``bias [B, 1, 1, P + H]`` (0 or -inf), and per layer ``keys/values [B, kv_heads, P + H, d]`` holding the prefix
-    KV in ``[:P]`` (None when gradients are on: then each step concatenates instead of writing in place)."""
+    ``bias [B, 1, 1, P + H]`` (0 or -inf), and per layer ``keys/values [B, kv_heads, K, d]`` holding the prefix KV in
+    ``[:P]``, the actions' in ``[P:P + H]``, zeros after (K = P + H rounded up to a multiple of 8, ``bias`` padded with
+    -inf to K: unaligned row strides make cuBLAS fall back to slow kernels). ``keys``/``values`` are None when gradients
+    are on: then each step concatenates instead of writing in place."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     bias: torch.Tensor
     keys: list[torch.Tensor] | None
     values: list[torch.Tensor] | None
+    prefix_len: int = 0
 
 
 @register_head("flow_expert", FlowExpertConfig)
@@ -95,6 +98,13 @@ class FlowExpertHead(ActionHead):
         last = backbone.layers[-1]
         for m in (last.self_attn.q_proj, last.self_attn.o_proj, last.post_attention_layernorm, last.mlp, backbone.language_model.norm):
             m.requires_grad_(False)  # never reached from the loss (see the module docstring)
+        self._step = _expert_step  # compile_layers() swaps in a compiled version
+
+    def compile_layers(self, **compile_kw: Any) -> None:
+        """``torch.compile`` the per-layer training step (once, reused by every layer); see
+        :meth:`Backbone.compile_layers`."""
+        compile_kw.setdefault("dynamic", False)
+        self._step = torch.compile(_expert_step, **compile_kw)
 
     def fused_layers(self) -> list[FusedLayer]:
         """Inference snapshots of the expert layers (see :class:`~chunkpolicy.models.backbone.FusedLayer`)."""
@@ -120,13 +130,15 @@ class FlowExpertHead(ActionHead):
         bias = mask_bias(torch.cat([valid, torch.ones(B, H, dtype=torch.bool, device=valid.device)], 1))[:, None, None]
         keys = values = None
         if (not torch.is_grad_enabled()) if buffers is None else buffers:
+            K = -(-(P + H) // 8) * 8
+            bias = F.pad(bias, (0, K - P - H), value=float("-inf"))
             keys, values = [], []
             for pk, pv in prefix_out.kv:
                 for src, dst in ((pk, keys), (pv, values)):
-                    buf = src.new_empty(B, src.shape[1], P + H, src.shape[3])
+                    buf = src.new_zeros(B, src.shape[1], K, src.shape[3])
                     buf[:, :, :P] = src
                     dst.append(buf)
-        return SuffixCache(cos, sin, bias, keys, values)
+        return SuffixCache(cos, sin, bias, keys, values, P)
 
     def velocity(self, backbone: Backbone, prefix_out: PrefixOutput, x: torch.Tensor, tau: torch.Tensor, *,
                  cache: SuffixCache | None = None, layers: Sequence[nn.Module | FusedLayer] | None = None) -> torch.Tensor:
@@ -141,11 +153,11 @@ class FlowExpertHead(ActionHead):
         ckpt = backbone.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, (layer, (pk, pv)) in enumerate(zip(layers, prefix_out.kv)):
             if in_place:
-                h = _expert_step_in_place(layer, h, c.cos, c.sin, c.bias, c.keys[i], c.values[i])
+                h = _expert_step_in_place(layer, h, c.cos, c.sin, c.bias, c.keys[i], c.values[i], c.prefix_len)
             elif ckpt:
-                h = checkpoint(_expert_step, layer, h, c.cos, c.sin, c.bias, pk, pv, use_reentrant=False)
+                h = checkpoint(self._step, layer, h, c.cos, c.sin, c.bias, pk, pv, use_reentrant=False)
             else:
-                h = _expert_step(layer, h, c.cos, c.sin, c.bias, pk, pv)
+                h = self._step(layer, h, c.cos, c.sin, c.bias, pk, pv)
         return self.action_out(self.norm(h))
 
     def joint_velocity(self, backbone: Backbone, prefix: Prefix, x: torch.Tensor, tau: torch.Tensor,
@@ -211,10 +223,10 @@ def _expert_step(layer, h, cos, sin, bias, pk, pv):
     return finish(layer, h, attend_few(q, k, v, bias, _scaling(layer)))
 
 
-def _expert_step_in_place(layer, h, cos, sin, bias, keys, values):
-    """Same as :func:`_expert_step` with the actions' KV written into the tail of preallocated ``keys/values``."""
+def _expert_step_in_place(layer, h, cos, sin, bias, keys, values, P: int):
+    """Same as :func:`_expert_step` with the actions' KV written into ``[P:P + H]`` of preallocated ``keys/values``."""
     q, k, v = qkv(layer, h, cos, sin, heads_first=False)
-    P = keys.shape[2] - k.shape[1]
-    keys[:, :, P:] = k.transpose(1, 2)
-    values[:, :, P:] = v.transpose(1, 2)
+    H = k.shape[1]
+    keys[:, :, P:P + H] = k.transpose(1, 2)
+    values[:, :, P:P + H] = v.transpose(1, 2)
     return finish(layer, h, attend_few(q, keys, values, bias, _scaling(layer)))
