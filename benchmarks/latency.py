@@ -134,14 +134,15 @@ def flow_latency(args, rows, results) -> None:
         if "eager" in args.modes:
             r = timeit(lambda: policy.predict_unified(obs, num_steps=STEPS), args.calls, 2, dev)
             record(rows, {**base, "cameras": n_cam, "mode": "eager", **r, "peak_gb": peak_gb(dev)})
-        table = {"unfused": ("cuda_graph unfused", False, False), "graph": ("cuda_graph", False, True),
-                 "compile": ("compile+cuda_graph", True, True),
-                 "autotune": ("compile(max-autotune step)+cuda_graph", "max-autotune-no-cudagraphs", True)}
+        table = {"unfused": ("cuda_graph unfused", False, False, None), "graph": ("cuda_graph", False, True, None),
+                 "compile": ("compile+cuda_graph", True, True, None),
+                 "combo": ("compile(combo_kernels)+cuda_graph", True, True, {"combo_kernels": True}),
+                 "autotune": ("compile(max-autotune step)+cuda_graph", "max-autotune-no-cudagraphs", True, None)}
         variants = [table[m] for m in args.modes if m in table] if dev.startswith("cuda") else []
-        for mode, comp, fuse in variants:
+        for mode, comp, fuse, opts in variants:
             try:
                 t0 = time.perf_counter()
-                graphed = CudaGraphPolicy(policy, obs, num_steps=STEPS, compile=comp, fuse=fuse)
+                graphed = CudaGraphPolicy(policy, obs, num_steps=STEPS, compile=comp, fuse=fuse, compile_options=opts)
                 build_s = time.perf_counter() - t0
                 diff = float((graphed(obs, noise=noise).float() - ref.float()).abs().max())
                 r = timeit(lambda: graphed(obs), args.calls * 2, 5, dev)
@@ -421,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-lerobot", action="store_true")
     p.add_argument("--modes", default="eager,graph,compile",
                    help="flow_expert modes: eager, unfused (CUDA graph over unfused layers), graph, compile (torch.compile + "
-                        "graph, a minute of compile per shape), autotune (max-autotune for the step, minutes)")
+                        "graph, a minute of compile per shape), combo (compile with Inductor combo kernels), autotune "
+                        "(max-autotune for the step, minutes)")
     p.add_argument("--cams", default="1,3")
     p.add_argument("--no-rtc", dest="rtc", action="store_false")
     p.add_argument("--no-flow", dest="flow", action="store_false", help="skip the flow_expert latency rows")

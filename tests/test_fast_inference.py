@@ -50,6 +50,23 @@ def test_fused_layer_matches_the_transformers_layer():
         torch.testing.assert_close(finish(fused, x, a_ref), finish(layer, x, a_ref), rtol=0, atol=1e-5)
 
 
+def test_fused_vision_layers_match_the_transformers_tower():
+    policy = toy_policy().eval()
+    bb = policy.backbone
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in bb.model.vision_tower.named_parameters():  # LayerNorm 1/0 and zero biases would hide mistakes
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        pix = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+        ref = bb.image_features(pix)
+        fused = bb.fused_vision_layers()
+        torch.testing.assert_close(bb.image_features(pix, fused), ref, rtol=0, atol=1e-5)
+        bb.model.vision_tower.vision_model.encoder.layers[0].mlp.fc1.bias.add_(1.0)
+        assert not torch.allclose(bb.image_features(pix, fused), bb.image_features(pix), atol=1e-4)
+        fused[0].refresh(bb.model.vision_tower.vision_model.encoder.layers[0])
+        torch.testing.assert_close(bb.image_features(pix, fused), bb.image_features(pix), rtol=0, atol=1e-5)
+
+
 def test_fused_layer_refuses_wrapped_projections():
     policy = toy_policy()
     layer = policy.backbone.layers[0]

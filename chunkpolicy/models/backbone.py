@@ -185,6 +185,44 @@ class FusedLayer:
             getattr(self, name).copy_(getattr(new, name))
 
 
+class FusedVisionLayer:
+    """Inference snapshot of one SigLIP encoder layer with q/k/v concatenated (one GEMM with bias); called like the
+    layer: ``x [M, T, Wv]`` → ``[M, T, Wv]``. Not trainable; :meth:`refresh` as for :class:`FusedLayer`."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2)
+        if any(type(m) is not nn.Linear for m in linears):
+            raise ValueError("FusedVisionLayer needs plain nn.Linear projections (merge LoRA adapters first)")
+        self.heads, self.scale, self.act = attn.num_heads, attn.scale, mlp.activation_fn
+        self.ln = [(ln.normalized_shape, ln.eps) for ln in (layer.layer_norm1, layer.layer_norm2)]
+        with torch.no_grad():
+            self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            self.qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            self.tensors = {name: t.detach().clone() for name, t in (
+                ("ln1_w", layer.layer_norm1.weight), ("ln1_b", layer.layer_norm1.bias), ("o_w", attn.out_proj.weight),
+                ("o_b", attn.out_proj.bias), ("ln2_w", layer.layer_norm2.weight), ("ln2_b", layer.layer_norm2.bias),
+                ("fc1_w", mlp.fc1.weight), ("fc1_b", mlp.fc1.bias), ("fc2_w", mlp.fc2.weight), ("fc2_b", mlp.fc2.bias))}
+
+    @torch.no_grad()
+    def refresh(self, layer: nn.Module) -> None:
+        new = FusedVisionLayer(layer)
+        self.qkv_w.copy_(new.qkv_w)
+        self.qkv_b.copy_(new.qkv_b)
+        for k, t in self.tensors.items():
+            t.copy_(new.tensors[k])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tensors
+        M, T, W = x.shape
+        h = F.layer_norm(x, self.ln[0][0], t["ln1_w"], t["ln1_b"], self.ln[0][1])
+        q, k, v = F.linear(h, self.qkv_w, self.qkv_b).view(M, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(M, T, W)
+        x = x + F.linear(a, t["o_w"], t["o_b"])
+        h = F.layer_norm(x, self.ln[1][0], t["ln2_w"], t["ln2_b"], self.ln[1][1])
+        return x + F.linear(self.act(F.linear(h, t["fc1_w"], t["fc1_b"])), t["fc2_w"], t["fc2_b"])
+
+
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm with a precomputed fp32 ``scale = 1 + w`` (normalise in fp32, scale, cast back)."""
     xf = x.float()
@@ -302,6 +340,21 @@ class Backbone(nn.Module):
         """Inference snapshots of the LM layers (see :class:`FusedLayer`), for ``encode_prefix(layers=...)``."""
         return [FusedLayer(layer) for layer in self.layers]
 
+    def fused_vision_layers(self) -> list[FusedVisionLayer]:
+        """Inference snapshots of the SigLIP layers, for ``embed_prefix(vision_layers=...)``."""
+        return [FusedVisionLayer(layer) for layer in self.model.vision_tower.vision_model.encoder.layers]
+
+    def image_features(self, pix: torch.Tensor, vision_layers: Sequence[FusedVisionLayer] | None = None) -> torch.Tensor:
+        """SigLIP + projector: ``pix [M, 3, S, S]`` in [-1, 1] → ``[M, n_img, W]``; ``vision_layers`` replace the
+        encoder layers (same computation as ``transformers``' ``get_image_features``)."""
+        if vision_layers is None:
+            return self.model.get_image_features(pix).pooler_output
+        vm = self.model.vision_tower.vision_model
+        x = vm.embeddings(pix)
+        for layer in vision_layers:
+            x = layer(x)
+        return self.model.multi_modal_projector(vm.post_layernorm(x))
+
     @property
     def language_model(self) -> nn.Module:
         return self.model.language_model
@@ -343,15 +396,17 @@ class Backbone(nn.Module):
         attention_mask: torch.Tensor,
         state: torch.Tensor,
         state_mask: torch.Tensor,
+        vision_layers: Sequence[FusedVisionLayer] | None = None,
     ) -> Prefix:
         """Embed ``images [B, N, T, 3, h, w]`` (float in [0, 1] or uint8), ``image_mask [B, N]``, ``input_ids``/``attention_mask``
-        ``[B, L]`` and the normalized unified ``state [B, T, D]`` (+ ``state_mask [B, D]``) into a :class:`Prefix`."""
+        ``[B, L]`` and the normalized unified ``state [B, T, D]`` (+ ``state_mask [B, D]``) into a :class:`Prefix`;
+        ``vision_layers``: :meth:`fused_vision_layers` snapshots (inference)."""
         B, N, T = images.shape[:3]
         dtype = self.state_proj.weight.dtype
         flat = images.reshape(B * N * T, *images.shape[3:])
         flat = flat.to(dtype) / 255.0 if flat.dtype == torch.uint8 else flat.to(dtype)  # uint8 frames from the data path
         pix = self.preprocess_images(flat)
-        feats = self.model.get_image_features(pix).pooler_output  # [B*N*T, n_img, W]; masked cameras excluded below
+        feats = self.image_features(pix, vision_layers)  # [B*N*T, n_img, W]; masked cameras excluded below
         n_img = feats.shape[1]
         img = feats.reshape(B, N * T * n_img, self.width)
         img_valid = image_mask.bool()[:, :, None].expand(B, N, T * n_img).reshape(B, -1)

@@ -146,9 +146,10 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         }
 
     def _encode(self, inp: Mapping[str, torch.Tensor], image_mask: torch.Tensor, attention_mask: torch.Tensor,
-                layers: Any = None, hidden: bool = True):
+                layers: Any = None, hidden: bool = True, vision_layers: Any = None):
         state = self.normalizer.normalize("state", inp["state"], inp["embodiment"], check=False)
-        prefix = self.backbone.embed_prefix(inp["images"], image_mask, inp["input_ids"], attention_mask, state, inp["state_mask"])
+        prefix = self.backbone.embed_prefix(inp["images"], image_mask, inp["input_ids"], attention_mask, state, inp["state_mask"],
+                                            vision_layers=vision_layers)
         return self.backbone.encode_prefix(prefix, layers=layers, hidden=hidden), prefix
 
     @property
@@ -188,9 +189,9 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
     # -- inference ------------------------------------------------------------------------------------------------
     def fused_layers(self) -> dict[str, list]:
         """Inference snapshots of the Gemma-shaped layers with fused projections for :meth:`infer`
-        (``{"backbone": [...], "head": [...]}``; the head's only if it runs Gemma layers). They copy the weights:
-        rebuild them, or ``refresh`` each, after the weights change."""
-        out = {"backbone": self.backbone.fused_layers()}
+        (``{"vision": [...], "backbone": [...], "head": [...]}``; the head's only if it runs Gemma layers). They copy
+        the weights: rebuild them, or ``refresh`` each, after the weights change."""
+        out = {"vision": self.backbone.fused_vision_layers(), "backbone": self.backbone.fused_layers()}
         if hasattr(self.head, "fused_layers"):
             out["head"] = self.head.fused_layers()
         return out
@@ -205,7 +206,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         emb = inputs["embodiment"]
         fused = fused or {}
         pout, _ = self._encode(inputs, inputs["image_mask"], inputs["attention_mask"], layers=fused.get("backbone"),
-                               hidden=self._head_reads_hidden)
+                               hidden=self._head_reads_hidden, vision_layers=fused.get("vision"))
         kw = {"layers": fused["head"]} if "head" in fused else {}
         out = self.head.sample(self.backbone, pout, {"action_mask": inputs["action_mask"]}, num_steps=num_steps, noise=noise, **kw)
         actions = self.normalizer.unnormalize("action", out.float(), emb, check=False)

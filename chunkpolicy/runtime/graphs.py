@@ -49,16 +49,23 @@ def compiled_methods(policy: ChunkPolicy, compiled: Mapping[str, Callable]) -> I
             delattr(obj, name)
 
 
-def compile_policy_methods(policy: ChunkPolicy, step_mode: str | None = None) -> dict[str, Callable]:
+def compile_policy_methods(policy: ChunkPolicy, step_mode: str | None = None,
+                           options: Mapping[str, Any] | None = None) -> dict[str, Callable]:
     """``torch.compile`` (Inductor, static shapes) of the per-chunk and per-step functions: fuses each layer's
     elementwise work (norms, RoPE, residuals, activations, softmax) into a few Triton kernels. ``step_mode``: Inductor
     mode for the per-step ``velocity`` only, e.g. ``"max-autotune-no-cudagraphs"`` (benchmarks Triton GEMM templates
-    for the 50-row matmuls; minutes of compilation)."""
-    return {
-        "backbone.embed_prefix": torch.compile(policy.backbone.embed_prefix, dynamic=False),
-        "backbone.encode_prefix": torch.compile(policy.backbone.encode_prefix, dynamic=False),
-        "head.velocity": torch.compile(policy.head.velocity, dynamic=False, mode=step_mode),
-    }
+    for the 50-row matmuls; minutes of compilation); ``options``: Inductor options for every function (e.g.
+    ``{"combo_kernels": True}``: independent small kernels launched as one)."""
+    kw = {"dynamic": False, **({"options": dict(options)} if options else {})}
+    out = {"backbone.embed_prefix": torch.compile(policy.backbone.embed_prefix, **kw),
+           "backbone.encode_prefix": torch.compile(policy.backbone.encode_prefix, **kw)}
+    if step_mode:  # torch.compile takes a mode or options, not both
+        out["head.velocity"] = torch.compile(policy.head.velocity, dynamic=False, mode=step_mode)
+    else:
+        out["head.velocity"] = torch.compile(policy.head.velocity, **kw)
+    if hasattr(policy.head, "suffix_cache"):  # per-chunk constants of the flow expert: ~40 small kernels eager
+        out["head.suffix_cache"] = torch.compile(policy.head.suffix_cache, **kw)
+    return out
 
 
 def load_inputs(policy: ChunkPolicy, observation: Mapping[str, Any], buffers: Mapping[str, torch.Tensor]) -> None:
@@ -75,17 +82,18 @@ class CudaGraphPolicy:
     """Callable like ``policy.predict_unified`` for observations shaped like ``example``; returns ``[B, H, D]``."""
 
     def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int | None = None, warmup: int = 3,
-                 compile: bool | str = False, fuse: bool = True) -> None:
+                 compile: bool | str = False, fuse: bool = True, compile_options: Mapping[str, Any] | None = None) -> None:
         """``compile=True`` first fuses the elementwise work of each layer with ``torch.compile`` (Inductor/Triton
         kernels, captured like any other kernel), which matters at batch 1 where thousands of tiny kernels dominate;
-        a string is the Inductor mode for the per-step function (:func:`compile_policy_methods`).
+        a string is the Inductor mode for the per-step function, ``compile_options`` Inductor options
+        (:func:`compile_policy_methods`).
         ``fuse=True`` runs fused-projection weight snapshots (see the module docstring)."""
         if policy.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the policy on a CUDA device, it is on {policy.device}")
         self.policy, self.num_steps = policy.eval(), num_steps
         self.fused = policy.fused_layers() if fuse else None
         step_mode = compile if isinstance(compile, str) else None
-        self.compiled = compile_policy_methods(policy, step_mode) if compile else {}  # kept alive with the graph
+        self.compiled = compile_policy_methods(policy, step_mode, compile_options) if compile else {}  # kept alive with the graph
         policy.validate(example, training=False)
         with torch.no_grad(), compiled_methods(policy, self.compiled):
             self.inputs = {k: v.clone() for k, v in policy.prepare_inputs(example).items()}
@@ -97,7 +105,9 @@ class CudaGraphPolicy:
     def refresh_weights(self) -> None:
         """Copy the policy's current weights into the fused snapshots the graph reads."""
         if self.fused is not None:
-            for key, modules in (("backbone", self.policy.backbone.layers), ("head", getattr(self.policy.head, "layers", []))):
+            bb = self.policy.backbone
+            for key, modules in (("vision", bb.model.vision_tower.vision_model.encoder.layers), ("backbone", bb.layers),
+                                 ("head", getattr(self.policy.head, "layers", []))):
                 for snap, layer in zip(self.fused.get(key, []), modules):
                     snap.refresh(layer)
 

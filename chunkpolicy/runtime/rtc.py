@@ -78,7 +78,7 @@ def rtc_infer(policy: ChunkPolicy, inputs: Mapping[str, torch.Tensor], noise: to
     products included). ``fused``: :meth:`ChunkPolicy.fused_layers` snapshots."""
     head, fused = policy.head, fused or {}
     pout, _ = policy._encode(inputs, inputs["image_mask"], inputs["attention_mask"], layers=fused.get("backbone"),
-                             hidden=policy._head_reads_hidden)
+                             hidden=policy._head_reads_hidden, vision_layers=fused.get("vision"))
     kw: dict[str, Any] = {}
     if hasattr(head, "suffix_cache"):  # flow_expert: per-chunk constants once; the guided steps need gradients, so no KV buffers
         kw = {"cache": head.suffix_cache(policy.backbone, pout, buffers=False), **({"layers": fused["head"]} if "head" in fused else {})}

@@ -132,12 +132,8 @@ class FlowExpertHead(ActionHead):
         if (not torch.is_grad_enabled()) if buffers is None else buffers:
             K = -(-(P + H) // 8) * 8
             bias = F.pad(bias, (0, K - P - H), value=float("-inf"))
-            keys, values = [], []
-            for pk, pv in prefix_out.kv:
-                for src, dst in ((pk, keys), (pv, values)):
-                    buf = src.new_zeros(B, src.shape[1], K, src.shape[3])
-                    buf[:, :, :P] = src
-                    dst.append(buf)
+            keys = [F.pad(pk, (0, 0, 0, K - P)) for pk, _ in prefix_out.kv]  # zeros after the prefix: one kernel each
+            values = [F.pad(pv, (0, 0, 0, K - P)) for _, pv in prefix_out.kv]
         return SuffixCache(cos, sin, bias, keys, values, P)
 
     def velocity(self, backbone: Backbone, prefix_out: PrefixOutput, x: torch.Tensor, tau: torch.Tensor, *,
