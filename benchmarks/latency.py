@@ -372,23 +372,12 @@ def throughput(args, rows, results) -> None:
             return step
         return make
 
-    for preset in [args.preset] + (["small"] if args.preset != "small" else []):
-        flops = flops_per_sample(args, preset)
-        results.setdefault("flops_per_sample", {})[preset] = flops
-        for i, B in enumerate(args.train_batch):
-            prof = f"{args.profile_dir}/profile_train_{preset}_bs{B}.txt" if args.profile_dir and i == 0 else None
-            measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True), B, flops, peak, {"weights": "bf16"}, prof)
-            if args.compile_train:
-                measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True, True), B, flops, peak,
-                        {"weights": "bf16", "compiled_layers": True})
-            if i == 0 and preset == args.preset:
-                measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, False), B, flops, peak,
-                        {"weights": "fp32 + bf16 autocast"})
-        holder.clear()
-    if args.skip_lerobot:
-        return
+    presets = [args.preset] + (["small"] if args.preset != "small" else [])
+    for preset in presets:
+        results.setdefault("flops_per_sample", {})[preset] = flops_per_sample(args, preset)
+    # LeRobot first: the comparison rows must not be the ones a time limit cuts off
     flops = results["flops_per_sample"].get("paligemma-3b")
-    for B in args.train_batch:
+    for B in ([] if args.skip_lerobot else args.train_batch):
         def make(ckpt, B=B):
             holder.clear()
             pol = lerobot_pi0(1, dev, gradient_checkpointing=ckpt).train()
@@ -405,6 +394,18 @@ def throughput(args, rows, results) -> None:
                 opt.zero_grad(set_to_none=True)
             return step
         measure(args, rows, results, "lerobot pi0", make, B, flops, peak, {"weights": "lerobot (bf16 LM/expert, fp32 vision) + bf16 autocast"})
+        holder.clear()
+    for preset in presets:
+        flops = results["flops_per_sample"][preset]
+        for i, B in enumerate(args.train_batch):
+            prof = f"{args.profile_dir}/profile_train_{preset}_bs{B}.txt" if args.profile_dir and i == 0 else None
+            measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True), B, flops, peak, {"weights": "bf16"}, prof)
+            if args.compile_train:
+                measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True, True), B, flops, peak,
+                        {"weights": "bf16", "compiled_layers": True})
+            if i == 0 and preset == args.preset:
+                measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, False), B, flops, peak,
+                        {"weights": "fp32 + bf16 autocast"})
         holder.clear()
 
 
@@ -452,14 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     results["latency"], results["throughput"] = lat, thr
     save = SAVE[0] = lambda: Path(args.out).write_text(json.dumps(results, indent=2))  # noqa: E731
     if args.part in ("all", "latency"):
+        if not args.skip_lerobot:  # first: the comparison must not be what a time limit cuts off
+            lerobot_latency(args, lat, results)
+            save()
         if args.flow:
             flow_latency(args, lat, results)
             save()
         other_heads_latency(args, lat, results)
         save()
-        if not args.skip_lerobot:
-            lerobot_latency(args, lat, results)
-            save()
     if args.part in ("all", "train"):
         throughput(args, thr, results)
         save()
