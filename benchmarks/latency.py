@@ -1,17 +1,13 @@
-"""Chunk latency and training throughput: chunkpolicy heads vs LeRobot 0.6.1 pi0, same GPU, same run, random weights.
+"""Chunk latency: chunkpolicy heads vs LeRobot 0.6.1 pi0, same GPU, same run, random weights.
 
-Latency (``--part latency``): batch 1, H=50, 10 flow steps (10 DDIM steps for dit), bf16, 1 and 3 cameras at
-224x224, 48 prompt tokens, median and p90 over --calls calls after warm-up, CUDA-synchronized; peak GPU memory.
-chunkpolicy flow_expert runs eager, as a whole-chunk CUDA graph over fused-projection weights, and with torch.compile
-inside the graph (--modes); each graphed output is checked against eager. Real-time chunking: the guided chunk
-(vector-Jacobian product at each step) eager and as a CUDA graph. The tokens head (bins, FAST) is autoregressive, so it
-gets 1 camera and few calls. LeRobot pi0 gets token ids directly (its pre-processor needs a hub tokenizer).
-
-Throughput (``--part train``): training samples/s (forward + backward + fused AdamW step) at each --train-batch for
-chunkpolicy (bf16 weights; fp32 master weights + bf16 autocast at the first batch, for reference) and LeRobot pi0
-(its own dtype policy, bf16 autocast), also for the ``small`` preset. A batch that runs out of memory is retried with
-gradient checkpointing. MFU = model FLOPs per sample (counted by FlopCounterMode on one forward + backward of ours;
-the same architecture and shapes for LeRobot) x samples/s / 989 TFLOP/s (dense bf16, H100 SXM).
+Batch 1, H=50, 10 flow steps (10 DDIM steps for dit), bf16, 1 and 3 cameras at 224x224, 48 prompt tokens, median and
+p90 over --calls calls after warm-up, CUDA-synchronized; peak GPU memory. A call is the whole user-facing call
+(validation, tokens, input copies, the chunk, the output copy). chunkpolicy flow_expert runs eager, as a whole-chunk
+CUDA graph over fused-projection weights, and with torch.compile inside the graph (--modes); each graphed output is
+checked against eager, and graphed rows also report the graph replay alone and the host-side input preparation alone.
+Real-time chunking: the guided chunk (vector-Jacobian product at each step) eager and as a CUDA graph. The tokens head
+(bins, FAST) is autoregressive, so it gets 1 camera and few calls. LeRobot pi0 gets token ids directly (its
+pre-processor needs a hub tokenizer). Training throughput: benchmarks/throughput.py.
 
     python benchmarks/latency.py --out latency.json                    # GPU, pi0-size (paligemma-3b)
     python benchmarks/latency.py --quick --device cpu --out q.json     # smoke test with the tiny preset
@@ -146,8 +142,10 @@ def flow_latency(args, rows, results) -> None:
                 build_s = time.perf_counter() - t0
                 diff = float((graphed(obs, noise=noise).float() - ref.float()).abs().max())
                 r = timeit(lambda: graphed(obs), args.calls * 2, 5, dev)
+                replay = timeit(graphed.graph.replay, args.calls * 2, 5, dev)["median_ms"]
+                prep = timeit(lambda: graphed.load_inputs(obs), args.calls * 2, 5, dev)["median_ms"]
                 record(rows, {**base, "cameras": n_cam, "mode": mode, **r, "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff,
-                              "build_s": round(build_s, 1)})
+                              "build_s": round(build_s, 1), "replay_only_ms": replay, "input_prep_ms": prep})
                 if args.profile_dir and n_cam == 1 and comp:
                     name = mode.replace("+", "_").replace("(", "_").replace(")", "").replace(" ", "_")
                     profile_table(lambda: graphed(obs), dev, f"{args.profile_dir}/profile_flow_{name}.txt")
@@ -272,153 +270,13 @@ def lerobot_latency(args, rows, results) -> None:
             traceback.print_exc()
 
 
-# -- training throughput -------------------------------------------------------------------------------------------
-def train_rate(step, batch_size: int, steps: int, device: str) -> float:
-    for _ in range(2):
-        step()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch_size * steps / (time.perf_counter() - t)
-
-
-def ours_train_setup(args, preset: str, B: int, bf16_weights: bool, ckpt: bool, compile_layers: bool = False):
-    dev = args.device
-    policy = make_policy(preset, "flow_expert", {}, dev, torch.bfloat16 if bf16_weights else torch.float32).train()
-    policy.backbone.set_gradient_checkpointing(ckpt)
-    if compile_layers:
-        policy.backbone.compile_layers()
-        policy.head.compile_layers()
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5, fused=dev.startswith("cuda"))
-    size = policy.backbone.config.image_size
-    batch = dict(observation(1, B, dev, size), actions=policy.space.pad(torch.randn(B, H, ACT_DIM, device=dev), 0, "action"),
-                 action_is_pad=torch.zeros(B, H, dtype=torch.bool, device=dev))
-    autocast = not bf16_weights and dev.startswith("cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = policy.compute_loss(batch)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return policy, opt, step
-
-
-def flops_per_sample(args, preset: str) -> float:
-    """Model FLOPs of one training sample (forward + backward), counted on a batch of 1. FlopCounterMode's SDPA
-    formula rejects grouped-query shapes, so keys/values are expanded to every head while counting (same FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import chunkpolicy.models.backbone as bb
-
-    def sdpa(q, k, v, enable_gqa=False, **kw):
-        if enable_gqa:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        return sdpa0(q, k, v, **kw)
-
-    sdpa0 = bb.F.scaled_dot_product_attention
-    policy, _, step = ours_train_setup(args, preset, 1, True, False)
-    bb.F.scaled_dot_product_attention = sdpa  # F is torch.nn.functional: restored below
-    try:
-        with FlopCounterMode(display=False) as fc:
-            policy.compute_loss(dict(observation(1, 1, args.device, policy.backbone.config.image_size),
-                                     actions=torch.zeros(1, H, 32, device=args.device),
-                                     action_is_pad=torch.zeros(1, H, dtype=torch.bool, device=args.device)))["loss"].backward()
-    finally:
-        bb.F.scaled_dot_product_attention = sdpa0
-    del policy, step
-    return float(fc.get_total_flops())
-
-
-def measure(args, rows, results, label: str, make, B: int, flops: float | None, peak: float | None, extra: dict,
-            profile: str | None = None) -> None:
-    """``make(ckpt) -> step``; retried with gradient checkpointing when the plain run is out of memory."""
-    for ckpt in (False, True):
-        reset_peak(args.device)
-        try:
-            step = make(ckpt)
-            rate = train_rate(step, B, args.train_steps if B <= 8 else max(3, args.train_steps // 2), args.device)
-            if profile:
-                profile_table(step, args.device, profile)
-            row = {"model": label, "batch": B, "samples_per_s": round(rate, 2), "gradient_checkpointing": ckpt, "peak_gb": peak_gb(args.device), **extra}
-            if flops and peak:
-                row["mfu"] = round(flops * rate / peak, 3)
-            record(rows, row)
-            return
-        except torch.OutOfMemoryError as e:
-            results.setdefault("errors", []).append(f"{label} batch {B} (checkpointing {ckpt}): out of memory")
-            print("OOM", label, B, ckpt, str(e)[:200], flush=True)
-        except Exception as e:
-            results.setdefault("errors", []).append(f"{label} batch {B}: {type(e).__name__}: {e}")
-            traceback.print_exc()
-            return
-        finally:
-            step = None
-            gc.collect()
-
-
-def throughput(args, rows, results) -> None:
-    dev = args.device
-    peak = next((v for k, v in PEAK_FLOPS.items() if dev.startswith("cuda") and k in torch.cuda.get_device_name()), None)
-    holder: dict = {}
-
-    def ours(preset, B, bf16, comp=False):
-        def make(ckpt):
-            holder.clear()
-            holder["p"], holder["o"], step = ours_train_setup(args, preset, B, bf16, ckpt, comp)
-            return step
-        return make
-
-    presets = [args.preset] + (["small"] if args.preset != "small" else [])
-    for preset in presets:
-        results.setdefault("flops_per_sample", {})[preset] = flops_per_sample(args, preset)
-    # LeRobot first: the comparison rows must not be the ones a time limit cuts off
-    flops = results["flops_per_sample"].get("paligemma-3b")
-    for B in ([] if args.skip_lerobot else args.train_batch):
-        def make(ckpt, B=B):
-            holder.clear()
-            pol = lerobot_pi0(1, dev, gradient_checkpointing=ckpt).train()
-            opt = torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-5, fused=dev.startswith("cuda"))
-            batch = dict(lerobot_batch(1, B, dev), action=torch.randn(B, H, ACT_DIM, device=dev),
-                         action_is_pad=torch.zeros(B, H, dtype=torch.bool, device=dev))
-            holder["p"], holder["o"] = pol, opt
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
-                    loss, _ = pol.forward(batch)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return step
-        measure(args, rows, results, "lerobot pi0", make, B, flops, peak, {"weights": "lerobot (bf16 LM/expert, fp32 vision) + bf16 autocast"})
-        holder.clear()
-    for preset in presets:
-        flops = results["flops_per_sample"][preset]
-        for i, B in enumerate(args.train_batch):
-            prof = f"{args.profile_dir}/profile_train_{preset}_bs{B}.txt" if args.profile_dir and i == 0 else None
-            measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True), B, flops, peak, {"weights": "bf16"}, prof)
-            if args.compile_train:
-                measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, True, True), B, flops, peak,
-                        {"weights": "bf16", "compiled_layers": True})
-            if i == 0 and preset == args.preset:
-                measure(args, rows, results, f"chunkpolicy {preset} flow_expert", ours(preset, B, False), B, flops, peak,
-                        {"weights": "fp32 + bf16 autocast"})
-        holder.clear()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="latency.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="paligemma-3b")
-    p.add_argument("--part", default="all", choices=["all", "latency", "train"])
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--token-calls", type=int, default=3)
-    p.add_argument("--train-batch", default="8,32", help="comma list of batch sizes")
-    p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--only", default="all", help="comma list of other heads: dit (DDIM), tokens (bins), tokens (FAST), none")
     p.add_argument("--skip-lerobot", action="store_true")
     p.add_argument("--modes", default="eager,graph,compile",
@@ -428,17 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cams", default="1,3")
     p.add_argument("--no-rtc", dest="rtc", action="store_false")
     p.add_argument("--no-flow", dest="flow", action="store_false", help="skip the flow_expert latency rows")
-    p.add_argument("--compile-train", action="store_true", help="also train with compiled layers (Backbone.compile_layers)")
-    p.add_argument("--profile-dir", help="write GPU kernel tables (graphed flow chunk, training step) here")
+    p.add_argument("--profile-dir", help="write GPU kernel tables of the graphed flow chunk here")
     p.add_argument("--quick", action="store_true", help="tiny preset, few calls (CPU smoke test)")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",")]
-    args.train_batch = [int(b) for b in args.train_batch.split(",")]
     args.modes, args.cams = args.modes.split(","), [int(c) for c in args.cams.split(",")]
     args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     args.image_size = 224
     if args.quick:
-        args.preset, args.calls, args.token_calls, args.train_batch, args.train_steps, args.image_size = "tiny", 3, 1, [2], 2, 32
+        args.preset, args.calls, args.token_calls, args.image_size = "tiny", 3, 1, 32
     torch.backends.cuda.matmul.allow_tf32 = True
     results: dict = {"meta": {
         "command": " ".join(["benchmarks/latency.py"] + (argv if argv is not None else sys.argv[1:])),
@@ -449,28 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     results["meta"]["transformers"] = transformers.__version__
-    lat, thr = [], []
-    results["latency"], results["throughput"] = lat, thr
+    lat: list = []
+    results["latency"] = lat
     save = SAVE[0] = lambda: Path(args.out).write_text(json.dumps(results, indent=2))  # noqa: E731
-    if args.part in ("all", "latency"):
-        if not args.skip_lerobot:  # first: the comparison must not be what a time limit cuts off
-            lerobot_latency(args, lat, results)
-            save()
-        if args.flow:
-            flow_latency(args, lat, results)
-            save()
-        other_heads_latency(args, lat, results)
+    if not args.skip_lerobot:  # first: the comparison must not be what a time limit cuts off
+        lerobot_latency(args, lat, results)
         save()
-    if args.part in ("all", "train"):
-        throughput(args, thr, results)
+    if args.flow:
+        flow_latency(args, lat, results)
         save()
+    other_heads_latency(args, lat, results)
+    save()
     print("\n| model | cams | mode | median ms | p90 ms | peak GB |\n|---|---|---|---|---|---|")
     for r in lat:
         print(f"| {r['model']} | {r['cameras']} | {r['mode']} | {r['median_ms']} | {r['p90_ms']} | {r['peak_gb']} |")
-    print("\n| model | batch | weights | ckpt | samples/s | MFU | peak GB |\n|---|---|---|---|---|---|---|")
-    for r in thr:
-        w = r.get("weights", "") + (" + compiled layers" if r.get("compiled_layers") else "")
-        print(f"| {r['model']} | {r['batch']} | {w} | {r['gradient_checkpointing']} | {r['samples_per_s']} | {r.get('mfu', '')} | {r['peak_gb']} |")
     for e in results.get("errors", []):
         print("ERROR", e)
     return 0

@@ -92,6 +92,7 @@ class Normalizer(nn.Module):
         super().__init__()
         self.space, self.modes, self.eps = space, dict(modes), float(eps)
         self.stats = stats_from_json(stats_to_json(stats))  # private float64 copy
+        self._has_host: dict[str, list[bool]] = {}
         for key, mode in self.modes.items():
             if mode not in MODES:
                 raise ValueError(f"normalization mode for {key!r} must be one of {MODES}, got {mode!r}")
@@ -141,21 +142,23 @@ class Normalizer(nn.Module):
         self.register_buffer(f"_{key}_live", to(live, torch.bool), persistent=False)
         self.register_buffer(f"_{key}_valid", to(valid, torch.bool), persistent=False)
         self.register_buffer(f"_{key}_has", to(has, torch.bool), persistent=False)
+        self._has_host[key] = [bool(h) for h in has]  # host copy for the id checks (no device round trip)
 
     def _params(self, key: str, embodiment: torch.Tensor, ndim: int, check: bool = True):
         if key not in self.modes:
             raise KeyError(f"no normalization mode for key {key!r}; configured: {sorted(self.modes)}")
-        embodiment = torch.as_tensor(embodiment, dtype=torch.long, device=getattr(self, f"_{key}_has").device)
         has = getattr(self, f"_{key}_has")
-        if not check:  # caller validated ids and stats already (keeps graphed inference free of host syncs)
-            shape = (embodiment.shape[0],) + (1,) * (ndim - 2) + (-1,)
-            return [getattr(self, f"_{key}_{p}")[embodiment].reshape(shape) for p in ("offset", "scale", "live", "valid")]
-        if embodiment.numel() and (embodiment.min() < 0 or embodiment.max() >= has.numel()):
-            raise KeyError(f"embodiment ids {embodiment.tolist()} outside the {has.numel()} registered embodiments")
-        missing = ~has[embodiment]
-        if missing.any():
-            names = sorted({self.space.embodiments[i].name for i in embodiment[missing].tolist()})
-            raise KeyError(f"no {key!r} stats for embodiment(s) {names}")
+        if check:  # at most one device→host copy (none for CPU ids), then plain Python checks
+            ids, has_host = torch.as_tensor(embodiment).long().tolist(), self._has_host[key]
+            if isinstance(ids, int):
+                ids = [ids]
+            if any(not 0 <= i < len(has_host) for i in ids):
+                raise KeyError(f"embodiment ids {ids} outside the {len(has_host)} registered embodiments")
+            names = sorted({self.space.embodiments[i].name for i in ids if not has_host[i]})
+            if names:
+                raise KeyError(f"no {key!r} stats for embodiment(s) {names}")
+        # with check=False the caller validated ids and stats already (keeps graphed inference free of host syncs)
+        embodiment = torch.as_tensor(embodiment, dtype=torch.long, device=has.device)
         shape = (embodiment.shape[0],) + (1,) * (ndim - 2) + (-1,)
         return [getattr(self, f"_{key}_{p}")[embodiment].reshape(shape) for p in ("offset", "scale", "live", "valid")]
 

@@ -77,6 +77,12 @@ def test_input_errors_name_the_field():
         policy.compute_loss(dict(b, state=bad))
     with pytest.raises(ValueError, match="embodiment: ids"):
         policy.compute_loss(dict(b, embodiment=torch.tensor([0, 1, 0])))
+    with pytest.raises(ValueError, match=r"embodiment: ids \[0, -1, 0\]"):
+        policy.compute_loss(dict(b, embodiment=torch.tensor([0, -1, 0])))
+    bad_im = b["images"].clone()
+    bad_im[1, 0, 0, 2, 3, 4] = float("inf")
+    with pytest.raises(ValueError, match="images: contains NaN or inf"):
+        policy.compute_loss(dict(b, images=bad_im))
     with pytest.raises(ValueError, match="missing keys"):
         policy.compute_loss({k: v for k, v in b.items() if k != "prompt"})
     wrong_mask = b["action_mask"].clone()
@@ -215,3 +221,23 @@ def test_uint8_images_equal_float_images():
     a = policy.compute_loss(dict(batch, images=u8), g())["loss"]
     b = policy.compute_loss(dict(batch, images=f32), g())["loss"]
     assert a.item() == b.item()
+
+
+def test_prompt_token_cache_matches_the_tokenizer_and_follows_a_tokenizer_swap():
+    from chunkpolicy.models.tokenizer import build_char_tokenizer, tokenize_prompts
+
+    policy = toy_policy()
+    b = toy_batch()
+    first = policy.prepare_inputs(b)
+    again = policy.prepare_inputs(b)  # served from the cache
+    ids, am = tokenize_prompts(policy.tokenizer, list(b["prompt"]), policy.config.max_prompt_tokens)
+    assert torch.equal(again["input_ids"], ids) and torch.equal(again["attention_mask"], am)
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    pick = dict(b, prompt=["pick it"] * len(b["prompt"]))
+    before = policy.prepare_inputs(pick)["input_ids"]  # cached for the original tokenizer
+    other = build_char_tokenizer()
+    other.add_tokens(["pick"])  # a different tokenizer: the same prompt must be re-tokenized
+    policy.tokenizer = other
+    swapped = policy.prepare_inputs(pick)["input_ids"]
+    ref, _ = tokenize_prompts(other, pick["prompt"], policy.config.max_prompt_tokens)
+    assert torch.equal(swapped, ref) and not torch.equal(swapped, before)
