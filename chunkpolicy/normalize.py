@@ -18,7 +18,7 @@ A missing embodiment, key or stat is an error, never a pass-through.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -148,15 +148,8 @@ class Normalizer(nn.Module):
         if key not in self.modes:
             raise KeyError(f"no normalization mode for key {key!r}; configured: {sorted(self.modes)}")
         has = getattr(self, f"_{key}_has")
-        if check:  # at most one device→host copy (none for CPU ids), then plain Python checks
-            ids, has_host = torch.as_tensor(embodiment).long().tolist(), self._has_host[key]
-            if isinstance(ids, int):
-                ids = [ids]
-            if any(not 0 <= i < len(has_host) for i in ids):
-                raise KeyError(f"embodiment ids {ids} outside the {len(has_host)} registered embodiments")
-            names = sorted({self.space.embodiments[i].name for i in ids if not has_host[i]})
-            if names:
-                raise KeyError(f"no {key!r} stats for embodiment(s) {names}")
+        if check:
+            self.check_ids(key, embodiment)
         # with check=False the caller validated ids and stats already (keeps graphed inference free of host syncs)
         embodiment = torch.as_tensor(embodiment, dtype=torch.long, device=has.device)
         shape = (embodiment.shape[0],) + (1,) * (ndim - 2) + (-1,)
@@ -180,9 +173,17 @@ class Normalizer(nn.Module):
         x = torch.where(live, y * scale.to(y.dtype) + offset.to(y.dtype), offset.to(y.dtype).expand_as(y))
         return torch.where(valid, x, torch.zeros_like(x))
 
-    def check_ids(self, key: str, embodiment: torch.Tensor) -> None:
-        """Raise if any id is out of range or lacks ``key`` stats (the checks ``check=False`` skips)."""
-        self._params(key, embodiment, 2, check=True)
+    def check_ids(self, key: str, embodiment: torch.Tensor | Sequence[int]) -> None:
+        """Raise if any id is out of range or lacks ``key`` stats (the checks ``check=False`` skips). Host-side:
+        at most one device→host copy of ``embodiment`` (none for a list or a CPU tensor)."""
+        if key not in self.modes:
+            raise KeyError(f"no normalization mode for key {key!r}; configured: {sorted(self.modes)}")
+        ids, has_host = torch.as_tensor(embodiment).long().reshape(-1).tolist(), self._has_host[key]
+        if any(not 0 <= i < len(has_host) for i in ids):
+            raise KeyError(f"embodiment ids {ids} outside the {len(has_host)} registered embodiments")
+        names = sorted({self.space.embodiments[i].name for i in ids if not has_host[i]})
+        if names:
+            raise KeyError(f"no {key!r} stats for embodiment(s) {names}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"modes": dict(self.modes), "eps": self.eps, "stats": stats_to_json(self.stats)}

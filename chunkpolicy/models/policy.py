@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -96,8 +96,9 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         return self.backbone.state_proj.weight.device
 
     # -- input checks ---------------------------------------------------------------------------------------------
-    def validate(self, batch: Mapping[str, Any], training: bool) -> None:
-        """Shapes, dtypes, finiteness and ids of a batch; raises one ValueError naming the field."""
+    def validate(self, batch: Mapping[str, Any], training: bool) -> list[int]:
+        """Shapes, dtypes, finiteness and ids of a batch; raises one ValueError naming the field. Returns the
+        embodiment ids as host ints (pass them to :meth:`prepare_inputs` to spare it a device round trip)."""
         need = ["images", "image_mask", "state", "prompt", "embodiment"] + (["actions", "action_is_pad"] if training else [])
         missing = [k for k in need if k not in batch]
         _check(not missing, f"batch: missing keys {missing}")
@@ -124,25 +125,27 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             _check(tuple(batch["action_is_pad"].shape) == (B, H), f"action_is_pad: expected [{B}, {H}], got {tuple(batch['action_is_pad'].shape)}")
             valid = self._masks(batch, "action", emb)[:, None, :] & ~batch["action_is_pad"].bool()[:, :, None]
             _check(bool(torch.isfinite(torch.where(valid, a, torch.zeros_like(a))).all()), "actions: contains NaN or inf in valid entries")
+        return host[2:]
 
     def _masks(self, batch: Mapping[str, Any], kind: str, emb: torch.Tensor) -> torch.Tensor:
         """The batch's ``{kind}_mask`` if given (checked against the space), else the space's masks for ``emb``."""
         table = (self._action_masks if kind == "action" else self._state_masks).to(emb.device)[emb]
         key = f"{kind}_mask"
         if key in batch:
-            m = batch[key].bool()
+            m = torch.as_tensor(batch[key]).to(table.device).bool()  # a CPU batch for a GPU policy is fine
             _check(tuple(m.shape) == tuple(table.shape), f"{key}: expected {tuple(table.shape)}, got {tuple(m.shape)}")
             _check(bool((m == table).all()), f"{key}: does not match the unified space's mask for the embodiment")
         return table
 
     # -- shared forward -------------------------------------------------------------------------------------------
-    def prepare_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Tensors for :meth:`infer` on the policy's device: tokenized prompt, masks, embodiment ids (checked)."""
+    def prepare_inputs(self, batch: Mapping[str, Any], host_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors for :meth:`infer` on the policy's device: tokenized prompt, masks, embodiment ids (checked on the
+        host; ``host_ids``: :meth:`validate`'s return value for this batch, which spares a device→host copy)."""
         dev = self.device
         emb_in = torch.as_tensor(batch["embodiment"])
-        ids_host = emb_in.long().cpu()  # checked on the host: the GPU-side checks would sync once per test
+        ids = emb_in.long().tolist() if host_ids is None else list(host_ids)
         for key in ("state", "action"):
-            self.normalizer.check_ids(key, ids_host)
+            self.normalizer.check_ids(key, ids)
         emb = emb_in.to(dev).long()
         ids, am = self._tokenize(list(batch["prompt"]))
         return {
@@ -207,11 +210,10 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
     def prepare_train_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Validated device tensors for :meth:`loss_from_inputs`: :meth:`prepare_inputs` plus normalized ``actions
         [B, H, D]``, ``action_mask [B, D]`` (bool) and ``action_is_pad [B, H]`` (bool)."""
-        self.validate(batch, training=True)
-        inp = self.prepare_inputs(batch)
+        inp = self.prepare_inputs(batch, self.validate(batch, training=True))
         emb = inp["embodiment"]
         inp["action_mask"] = self._masks(batch, "action", emb)
-        inp["actions"] = self.normalizer.normalize("action", batch["actions"].to(self.device).float(), emb)
+        inp["actions"] = self.normalizer.normalize("action", batch["actions"].to(self.device).float(), emb, check=False)  # ids checked above
         inp["action_is_pad"] = batch["action_is_pad"].to(self.device).bool()
         return inp
 
@@ -258,8 +260,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
     def predict_unified(self, observation: Mapping[str, Any], *, num_steps: int | None = None,
                         generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Chunk ``[B, H, D]`` in robot units in the unified space (invalid dims exactly 0)."""
-        self.validate(observation, training=False)
-        inputs = self.prepare_inputs(observation)
+        inputs = self.prepare_inputs(observation, self.validate(observation, training=False))
         B = inputs["embodiment"].shape[0]
         if noise is None:
             noise = torch.randn(B, self.config.horizon, self.space.dim, generator=generator, device=self.device)

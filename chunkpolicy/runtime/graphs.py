@@ -71,8 +71,7 @@ def compile_policy_methods(policy: ChunkPolicy, step_mode: str | None = None,
 def load_inputs(policy: ChunkPolicy, observation: Mapping[str, Any], buffers: Mapping[str, torch.Tensor]) -> None:
     """Validate ``observation`` and copy its :meth:`ChunkPolicy.prepare_inputs` tensors into a graph's input
     ``buffers`` (same shapes as the observation the graph was captured with)."""
-    policy.validate(observation, training=False)
-    for k, v in policy.prepare_inputs(observation).items():
+    for k, v in policy.prepare_inputs(observation, policy.validate(observation, training=False)).items():
         if v.shape != buffers[k].shape:
             raise ValueError(f"{k}: shape {tuple(v.shape)} differs from the captured {tuple(buffers[k].shape)}; capture a new graph")
         buffers[k].copy_(v)

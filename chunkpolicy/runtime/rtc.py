@@ -127,8 +127,7 @@ def rtc_predict_fn(policy: ChunkPolicy, beta: float = 5.0, num_steps: int | None
                 graphs["plain"] = CudaGraphPolicy(policy, obs, num_steps=steps)
             e = int(torch.as_tensor(obs["embodiment"])[0])
             return policy.space.unpad(graphs["plain"](obs, generator=generator), e, "action")
-        policy.validate(obs, training=False)
-        inp = policy.prepare_inputs(obs)
+        inp = policy.prepare_inputs(obs, policy.validate(obs, training=False))
         emb = inp["embodiment"]
         target, w = rtc_target(policy, prefix, emb, exec_horizon, prefix_len)
         noise = torch.randn(target.shape, generator=generator, device=policy.device)
