@@ -61,8 +61,7 @@ def ours_step(args, preset: str, B: int, mode: str, ckpt: bool):
     policy = L.make_policy(preset, "flow_expert", {}, dev, torch.float32 if mode == "fp32" else torch.bfloat16).train()
     policy.backbone.set_gradient_checkpointing(ckpt)
     if mode in ("compiled", "graph"):
-        policy.backbone.compile_layers()
-        policy.head.compile_layers()
+        policy.compile_layers()
     params = [p for p in policy.parameters() if p.requires_grad]
     batch = train_batch(policy, B, dev)
     if mode == "graph":

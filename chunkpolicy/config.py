@@ -98,6 +98,8 @@ class TrainConfig:
     cpu: bool = False  # force CPU even when a GPU is present
     find_unused_parameters: Optional[bool] = None  # DDP; None: detected from one probe step on the first batch
     progress: bool = True
+    compile: bool = False  # torch.compile the model's per-layer training work (ChunkPolicy.compile_layers)
+    cuda_graph: bool = False  # one GPU: the whole step (forward, backward, clipping, AdamW) as one CUDA graph
 
 
 @dataclass

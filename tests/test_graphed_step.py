@@ -75,3 +75,25 @@ def test_graphed_steps_match_eager_steps_and_follow_the_learning_rate():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match="images: shape"):
         step(toy_batch(n_cam=1))
+
+
+@cuda
+def test_building_the_step_keeps_a_loaded_optimizer_state_and_the_random_stream():
+    """A resumed run builds its graph over an optimizer loaded from a checkpoint: the warm-up must not change the
+    moments, step counts, weights or the RNG."""
+    policy = toy_policy().cuda().train()
+    opt = capturable_adamw([p for p in policy.parameters() if p.requires_grad], 1e-3)
+    for s in range(2):
+        policy.compute_loss(toy_batch(seed=s))["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = copy.deepcopy(opt.state_dict()["state"])
+    weights = copy.deepcopy(policy.state_dict())
+    torch.cuda.manual_seed(5)
+    rng = torch.cuda.get_rng_state()
+    GraphedTrainStep(policy, opt, toy_batch())
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(state[i][k], after[i][k]) for i in state for k in state[i])
+    assert float(after[0]["step"]) == 2
+    assert all(torch.equal(weights[k], v) for k, v in policy.state_dict().items())

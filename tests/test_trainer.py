@@ -21,10 +21,11 @@ from chunkpolicy.training.checkpoint import CheckpointManager, capture_rng, rest
 from chunkpolicy.training.distributed import ShardedBatchSampler
 from chunkpolicy.training.ema import EMA
 from chunkpolicy.training.optim import (
-    build_optimizer, build_scheduler, lr_factor, optimizer_state_from_tensors, optimizer_state_to_tensors,
+    build_optimizer, build_scheduler, lr_factor, optimizer_state_from_tensors, optimizer_state_to_tensors, set_lr,
+    tensor_lrs,
 )
 from chunkpolicy.training.plots import read_metrics
-from chunkpolicy.training.trainer import KILL_ENV, Trainer
+from chunkpolicy.training.trainer import KILL_ENV, Trainer, _numbers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,6 +213,50 @@ def test_optimizer_state_round_trip_without_pickle():
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"]
     assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+
+
+def test_cuda_graph_option_needs_a_gpu(tmp_path):
+    with pytest.raises(ValueError, match="train.cuda_graph: needs a CUDA device"):
+        Trainer(Regressor(), Points(), None, _tcfg(tmp_path / "a", cuda_graph=True, cpu=True)).fit()
+    with pytest.raises(ValueError, match="train.compile: Regressor has no compile_layers"):
+        Trainer(Regressor(), Points(), None, _tcfg(tmp_path / "b", compile=True, cpu=True)).fit()
+
+
+def test_tensor_learning_rates_follow_the_schedule_in_place_and_serialize():
+    """A CUDA-graphed step reads lr from a tensor: the scheduler must fill that same tensor, and checkpoints must
+    still be JSON (lr and initial_lr stored as numbers)."""
+    m = Regressor()
+    opt = build_optimizer(m, 0.1)
+    sch = build_scheduler(opt, 2, 10, 0.1, 0.01)
+    tensor_lrs(opt, "cpu")
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and float(lr) == pytest.approx(0.1 / 3)
+    for s in range(1, 6):
+        sch.step()
+        assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.1 * lr_factor(s, 2, 10, 0.1, 0.01))
+    set_lr(opt.param_groups[0], 0.05)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.05)
+    _, meta = optimizer_state_to_tensors(opt.state_dict())
+    assert json.loads(meta)["param_groups"][0]["lr"] == pytest.approx(0.05)
+    json.dumps(_numbers(sch.state_dict()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the benchmark machine)")
+def test_cuda_graph_training_matches_eager_and_resumes_exactly(stores, tmp_path):
+    cfg = _write_cfg(tmp_path / "cfg.yaml", stores)
+    runs = {}
+    for name, extra in (("eager", ()), ("graph", ("train.cuda_graph=true",))):
+        r = _train(cfg, tmp_path / name, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = _losses(tmp_path / name)
+    e, g = runs["eager"], runs["graph"]
+    print("eager", e, "\ngraph", g)
+    assert e.keys() == g.keys() and all(g[s] == pytest.approx(e[s], rel=1e-3) for s in e)  # same data, noise and math
+    killed = _train(cfg, tmp_path / "res", "train.cuda_graph=true", kill_at=3)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = _train(cfg, tmp_path / "res", "train.cuda_graph=true", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(tmp_path / "res") == g  # a new graph is captured on resume: same losses, bit for bit
 
 
 def test_lr_schedule_warmup_then_cosine_to_final():

@@ -227,6 +227,13 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         head_batch = {k: inputs[k] for k in ("actions", "action_mask", "action_is_pad")}
         return self.head.loss(self.backbone, pout, head_batch, generator=generator)
 
+    def compile_layers(self, **compile_kw: Any) -> None:
+        """``torch.compile`` the per-layer training work of the backbone and, where it has one, of the head
+        (:meth:`Backbone.compile_layers`); the first steps after this compile (tens of seconds for pi0 size)."""
+        self.backbone.compile_layers(**compile_kw)
+        if hasattr(self.head, "compile_layers"):
+            self.head.compile_layers(**compile_kw)
+
     # -- inference ------------------------------------------------------------------------------------------------
     def fused_layers(self) -> dict[str, list]:
         """Inference snapshots of the Gemma-shaped layers with fused projections for :meth:`infer`

@@ -14,8 +14,10 @@ Contract, checked where it can be:
 * the optimizer was built with ``capturable=True`` and a **tensor** learning rate per group (:func:`capturable_adamw`),
   so a scheduler's in-place updates of ``group["lr"]`` reach the graph (a float would be baked into it);
 * the gradients live in the graph's memory pool: do not call ``optimizer.zero_grad()`` or replace ``.grad`` outside;
-* the warm-up passes run with the learning rate at 0 and the optimizer state is zeroed afterwards, so building the
-  step leaves the weights and the optimizer as they were.
+* the warm-up passes run with the learning rate at 0 and the optimizer state is restored afterwards (zeroed where
+  the warm-up created it), and the random number generators are forked around warm-up and capture, so building the
+  step leaves the weights, the optimizer and the random streams as they were, also when the optimizer was loaded
+  from a checkpoint.
 """
 
 from __future__ import annotations
@@ -59,26 +61,33 @@ class GraphedTrainStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.inputs = {k: v.clone() for k, v in policy.prepare_train_inputs(example).items()}
         lrs = [g["lr"].clone() for g in optimizer.param_groups]
+        # a resumed optimizer's moments and step counts must survive the warm-up: keep host copies (a fresh
+        # optimizer's state is created by the warm-up and zeroed afterwards)
+        saved = {id(v): v.detach().to("cpu", copy=True) for st in optimizer.state.values() for v in st.values()
+                 if isinstance(v, torch.Tensor)}
         for g in optimizer.param_groups:
             g["lr"].zero_()  # warm-up passes must not move the weights
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                optimizer.zero_grad(set_to_none=True)
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss, self.grad_norm = self._step()
+        # the warm-up and the capture draw noise: fork the RNGs so that the first replay draws what an eager step
+        # would have drawn at this point (a resumed run then continues the interrupted one's random stream)
+        with torch.random.fork_rng(devices=[policy.device]):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    optimizer.zero_grad(set_to_none=True)
+                    self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss, self.grad_norm = self._step()
         with torch.no_grad():
             for g, lr in zip(optimizer.param_groups, lrs):
                 g["lr"].copy_(lr)
-            for st in optimizer.state.values():  # forget the warm-up's moments and step counts, in place
+            for st in optimizer.state.values():  # undo the warm-up's moments and step counts, in place
                 for v in st.values():
                     if isinstance(v, torch.Tensor):
-                        v.zero_()
+                        v.copy_(saved[id(v)]) if id(v) in saved else v.zero_()
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         # autocast's weight cache must be off while capturing (cached casts would be freed outside the graph's pool)

@@ -38,12 +38,32 @@ def build_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 1e-10,
     fused: bool | None = None,
+    capturable: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; ``fused=None`` uses the fused kernel when every parameter is on CUDA."""
+    """AdamW over the trainable parameters; ``fused=None`` uses the fused kernel when every parameter is on CUDA.
+    ``capturable``: state on the device and no host syncs in ``step`` (for a CUDA-graphed step; then also call
+    :func:`tensor_lrs` once a scheduler is attached)."""
     groups = param_groups(model, weight_decay)
     if fused is None:
         fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None,
+                             capturable=capturable)
+
+
+def tensor_lrs(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
+    """Make each group's ``lr`` a 0-d tensor on ``device`` (kept if it already is one), as a CUDA-graphed step needs:
+    schedulers then update it in place (``fill_``) instead of replacing a number the graph would have frozen."""
+    for g in optimizer.param_groups:
+        if not isinstance(g["lr"], torch.Tensor):
+            g["lr"] = torch.tensor(float(g["lr"]), device=device)
+
+
+def set_lr(group: dict[str, Any], lr: float) -> None:
+    """Set ``group["lr"]``, in place when it is a tensor (see :func:`tensor_lrs`)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(float(lr))
+    else:
+        group["lr"] = lr
 
 
 def lr_factor(step: int, warmup: int, total: int, lr: float, final_lr: float) -> float:
@@ -69,7 +89,9 @@ def optimizer_state_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, to
                 tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(idx), {})[k] = v
-    meta = {"param_groups": state_dict["param_groups"], "scalars": scalars, "indices": [int(i) for i in state_dict["state"]]}
+    # a capturable optimizer keeps lr (and the scheduler's initial_lr) as 0-d tensors: stored as numbers
+    groups = [{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()} for g in state_dict["param_groups"]]
+    meta = {"param_groups": groups, "scalars": scalars, "indices": [int(i) for i in state_dict["state"]]}
     return tensors, json.dumps(meta)
 
 

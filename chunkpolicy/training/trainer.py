@@ -2,7 +2,10 @@
 
 It trains any module with ``compute_loss(batch) -> {"loss": scalar, ...}`` (a :class:`ChunkPolicy`, or a stand-in in
 tests). Per optimizer step: ``grad_accum`` micro-batches (bf16 autocast when ``mixed_precision="bf16"``), gradient
-clipping, AdamW, warmup + cosine schedule, EMA update. Validation loss uses the EMA weights, a fixed set of held-out
+clipping, AdamW, warmup + cosine schedule, EMA update. ``train.compile`` compiles the model's layers;
+``train.cuda_graph`` (one GPU, ``grad_accum=1``, fixed batch shapes) replays forward, backward, clipping and a
+capturable fused AdamW as one CUDA graph (:class:`~chunkpolicy.training.graphed_step.GraphedTrainStep`: 1.9x the
+eager samples/s for the pi0-size preset at batch 8, see BENCHMARKS.md). Validation loss uses the EMA weights, a fixed set of held-out
 batches and a fixed noise seed (so successive evaluations are comparable, and the training RNG is not touched).
 
 Data order: a :class:`~chunkpolicy.data.mixture.MixtureSampler` draws a global index stream per epoch; every process
@@ -36,7 +39,7 @@ from chunkpolicy.training.checkpoint import (
 from chunkpolicy.training.ema import EMA
 from chunkpolicy.training.distributed import LossModule, ShardedBatchSampler, make_accelerator, to_device, unused_parameters
 from chunkpolicy.training.optim import (
-    build_optimizer, build_scheduler, optimizer_state_from_tensors, optimizer_state_to_tensors,
+    build_optimizer, build_scheduler, optimizer_state_from_tensors, optimizer_state_to_tensors, set_lr, tensor_lrs,
 )
 
 __all__ = ["Trainer", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device", "unused_parameters",
@@ -167,7 +170,7 @@ class Trainer:
         self.scheduler.load_state_dict(state.scheduler)
         # the lr of the next step comes from this run's schedule (identical unless train.steps/lr/warmup changed)
         for g, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            g["lr"] = base * fn(self.scheduler.last_epoch)
+            set_lr(g, base * fn(self.scheduler.last_epoch))
         if self.ema is not None:
             if ema is None:
                 raise ValueError(f"{ckpt}: has no EMA state but train.ema_decay={self.cfg.ema_decay}")
@@ -187,7 +190,7 @@ class Trainer:
             opt_t, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
             state = TrainingState(
                 step=self.step, epoch=self.epoch, position=self.position, samples_seen=self.samples_seen,
-                world_size=self.world, scheduler=self.scheduler.state_dict(),
+                world_size=self.world, scheduler=_numbers(self.scheduler.state_dict()),
                 ema_updates=self.ema.num_updates if self.ema is not None else 0,
                 elapsed_s=self.elapsed_before + (time.perf_counter() - self.t_start),
                 extra={"sampler": self.sampler.state_dict(self.epoch, self.position * self.cfg.batch_size * self.world)},
@@ -205,6 +208,28 @@ class Trainer:
         if os.environ.get(KILL_ENV) == str(self.step):
             os.kill(os.getpid(), signal.SIGKILL)
         return final
+
+    # -- CUDA-graphed steps ---------------------------------------------------------------------------------------
+    def _check_cuda_graph(self, dev: torch.device) -> None:
+        cfg = self.cfg
+        if dev.type != "cuda":
+            raise ValueError(f"train.cuda_graph: needs a CUDA device; this run is on {dev.type}")
+        if self.world != 1:
+            raise ValueError(f"train.cuda_graph: one process only (DDP communicates outside the graph); this run has {self.world}")
+        if cfg.grad_accum != 1:
+            raise ValueError(f"train.cuda_graph: needs train.grad_accum=1, got {cfg.grad_accum}")
+        if not (hasattr(self.model, "prepare_train_inputs") and hasattr(self.model, "loss_from_inputs")):
+            raise ValueError(f"train.cuda_graph: {type(self.model).__name__} has no prepare_train_inputs/loss_from_inputs")
+
+    def _graphed_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step replayed from a CUDA graph (captured on the first call); returns (loss, grad norm)."""
+        if self.graphed_step is None:
+            from chunkpolicy.training.graphed_step import GraphedTrainStep
+
+            self.graphed_step = GraphedTrainStep(self.model, self.optimizer, batch, max_grad_norm=self.cfg.grad_clip or None,
+                                                 autocast=self.cfg.mixed_precision == "bf16")
+        out = self.graphed_step(batch)
+        return out["loss"], out["grad_norm"]
 
     def unused_parameters(self) -> list[str]:
         """See :func:`unused_parameters`; probed on the first two training samples."""
@@ -281,9 +306,20 @@ class Trainer:
             if unused and self.is_main:
                 print(f"DDP: {len(unused)} trainable parameters get no gradient from this loss (e.g. {unused[:3]}); "
                       "find_unused_parameters=True")
-        self.optimizer = build_optimizer(self.model, cfg.lr, tuple(cfg.betas), cfg.eps, cfg.weight_decay)
+        graphed = bool(getattr(cfg, "cuda_graph", False))
+        if graphed:
+            self._check_cuda_graph(dev)
+        if getattr(cfg, "compile", False):
+            if not hasattr(self.model, "compile_layers"):
+                raise ValueError(f"train.compile: {type(self.model).__name__} has no compile_layers()")
+            self.model.compile_layers()
+        self.optimizer = build_optimizer(self.model, cfg.lr, tuple(cfg.betas), cfg.eps, cfg.weight_decay, capturable=graphed)
         self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.final_lr)
-        self.wrapper, self.optimizer = acc.prepare(LossModule(self.model), self.optimizer)
+        self.graphed_step = None  # built on the first batch (it needs the batch shapes)
+        if graphed:  # the graph replaces accelerate's backward/step; one process, so there is nothing to wrap
+            self.wrapper = self.model
+        else:
+            self.wrapper, self.optimizer = acc.prepare(LossModule(self.model), self.optimizer)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         micro = cfg.batch_size * self.world
         n_samples = max(1, len(self.train_set) // micro) * micro  # type: ignore[arg-type]
@@ -295,6 +331,8 @@ class Trainer:
         ckpt = self.manager.latest() if self.resume else None
         if ckpt is not None:
             self._load(ckpt)
+        if graphed:  # after loading: a checkpoint's learning rates come back as numbers
+            tensor_lrs(self.optimizer, dev)
         self._truncate_metrics(self.step)  # drop records past the checkpoint (or of a run that never saved one)
         if ckpt is not None and self.is_main:
             print(f"resumed from {ckpt} (step {self.step}, epoch {self.epoch}, batch {self.position} of the epoch)")
@@ -318,7 +356,11 @@ class Trainer:
         if self.step >= cfg.steps and self.is_main:
             print(f"nothing to do: the run is already at step {self.step} of train.steps={cfg.steps}")
         while self.step < cfg.steps:
-            for _ in range(cfg.grad_accum):
+            if graphed:
+                loss, gnorm = self._graphed_step(to_device(next(batches), dev))
+                loss_sum += loss.float()
+                n_loss += 1
+            for _ in range(0 if graphed else cfg.grad_accum):
                 batch = to_device(next(batches), dev)
                 with acc.accumulate(self.wrapper):
                     loss = self.wrapper(batch)["loss"]
@@ -329,7 +371,8 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach().float()
                 n_loss += 1
-            lr_used = self.optimizer.param_groups[0]["lr"]
+            # the step's lr from the schedule itself: reading a graphed step's lr tensor would sync with the device
+            lr_used = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.model)
@@ -398,6 +441,17 @@ class Trainer:
             if diffs:
                 print("warning: config differs from the run's saved config.yaml: " + ", ".join(diffs[:10]))
         path.write_text(new)
+
+
+def _numbers(obj: Any) -> Any:
+    """``obj`` with 0-d tensors (a capturable optimizer's learning rates) as Python numbers, for JSON."""
+    if isinstance(obj, torch.Tensor):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _numbers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_numbers(v) for v in obj)
+    return obj
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
