@@ -2,7 +2,9 @@
 
 For each (cameras ∈ {1, 3}) × (T_obs ∈ {1, 2}) × (DataLoader workers ∈ {0, 2}) at 224×224 and H=50, loads shuffled
 batches after a warm-up and reports samples/s and samples/s per worker (workers=0 counts as one worker: the main
-process). LeRobot is read with ``delta_timestamps`` giving the same observation history and action horizon.
+process). LeRobot is read with ``delta_timestamps`` giving the same observation history and action horizon. The
+``ceiling`` format returns one prepared sample of ours for every index (no reads): the most that collation and the
+worker transfer allow for batches of that size on this machine.
 
     python benchmarks/data_loading.py --out results.json            # full (several minutes on 2 cores)
     python benchmarks/data_loading.py --quick --out /tmp/q.json      # smoke test
@@ -49,6 +51,20 @@ class _LeRobotWindows(torch.utils.data.Dataset):
         return self.ds[i]
 
 
+class _Constant(torch.utils.data.Dataset):
+    """One prepared sample of ``dataset`` returned for every index: no reading or decoding at all, so its loader rate
+    is the ceiling that batching and the worker → main-process transfer (shared memory) allow on this machine."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.sample, self.n = dataset[0], len(dataset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return self.sample
+
+
 def _rate(dataset: torch.utils.data.Dataset, workers: int, batch: int, min_batches: int, min_time: float) -> float:
     """Samples/s of shuffled batches (sampled with replacement, so one iterator never runs dry), timed after a warm-up
     that fills every worker's prefetch queue, over at least ``min_batches`` batches and ``min_time`` seconds: a fast
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=8, help="timed batches, at least")
     p.add_argument("--min-time", type=float, default=3.0, help="timed seconds per setting, at least")
     p.add_argument("--workers", default="0,2")
-    p.add_argument("--formats", default="ours,lerobot-image,lerobot-video")
+    p.add_argument("--formats", default="ours,ceiling,lerobot-image,lerobot-video")
     args = p.parse_args(argv)
     if args.quick:
         args.episodes, args.episode_len, args.size, args.batch, args.batches, args.min_time = 2, 60, 64, 8, 2, 0.2
@@ -107,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             space = UnifiedSpace(32, "pad", embodiments=[spec])
             for n_obs in (1, 2):
                 for fmt in formats:
-                    if fmt == "ours":
+                    if fmt in ("ours", "ceiling"):
                         ds = ChunkWindowDataset(store.path, space, horizon=H, n_obs_steps=n_obs)
+                        ds = _Constant(ds) if fmt == "ceiling" else ds
                     else:
                         ds = _LeRobotWindows(roots[fmt], fps, H, n_obs, cams)
                     for w in workers:

@@ -222,6 +222,7 @@ def test_cuda_graph_option_needs_a_gpu(tmp_path):
         Trainer(Regressor(), Points(), None, _tcfg(tmp_path / "b", compile=True, cpu=True)).fit()
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_tensor_learning_rates_follow_the_schedule_in_place_and_serialize():
     """A CUDA-graphed step reads lr from a tensor: the scheduler must fill that same tensor, and checkpoints must
     still be JSON (lr and initial_lr stored as numbers)."""
