@@ -4,7 +4,8 @@ For each (cameras ∈ {1, 3}) × (T_obs ∈ {1, 2}) × (DataLoader workers ∈ {
 batches after a warm-up and reports samples/s and samples/s per worker (workers=0 counts as one worker: the main
 process). LeRobot is read with ``delta_timestamps`` giving the same observation history and action horizon. The
 ``ceiling`` format returns one prepared sample of ours for every index (no reads): the most that collation and the
-worker transfer allow for batches of that size on this machine.
+worker transfer allow for batches of that size on this machine. Ours and the ceiling collate with
+:func:`chunkpolicy.data.collate.collate_windows`, as the trainer does; LeRobot with PyTorch's default.
 
     python benchmarks/data_loading.py --out results.json            # full (several minutes on 2 cores)
     python benchmarks/data_loading.py --quick --out /tmp/q.json      # smoke test
@@ -27,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from chunkpolicy.data.collate import collate_windows
 from chunkpolicy.data.lerobot_io import IMAGE_PREFIX, export_lerobot
 from chunkpolicy.data.synthetic import make_spec, make_synthetic_store
 from chunkpolicy.data.windows import ChunkWindowDataset
@@ -65,7 +67,8 @@ class _Constant(torch.utils.data.Dataset):
         return self.sample
 
 
-def _rate(dataset: torch.utils.data.Dataset, workers: int, batch: int, min_batches: int, min_time: float) -> float:
+def _rate(dataset: torch.utils.data.Dataset, workers: int, batch: int, min_batches: int, min_time: float,
+          collate_fn=None) -> float:
     """Samples/s of shuffled batches (sampled with replacement, so one iterator never runs dry), timed after a warm-up
     that fills every worker's prefetch queue, over at least ``min_batches`` batches and ``min_time`` seconds: a fast
     loader otherwise finishes its timed batches before start-up effects (worker spawn, first file opens) are over."""
@@ -73,7 +76,7 @@ def _rate(dataset: torch.utils.data.Dataset, workers: int, batch: int, min_batch
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**7, generator=g)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-        multiprocessing_context="spawn" if workers else None,
+        multiprocessing_context="spawn" if workers else None, collate_fn=collate_fn,
     )
     it = iter(loader)
     for _ in range(2 * max(workers, 1) + 1):  # default prefetch_factor 2 per worker
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         ds = _LeRobotWindows(roots[fmt], fps, H, n_obs, cams)
                     for w in workers:
-                        r = _rate(ds, w, args.batch, args.batches, args.min_time)
+                        collate = collate_windows if fmt in ("ours", "ceiling") else None  # ours: as the trainer loads
+                        r = _rate(ds, w, args.batch, args.batches, args.min_time, collate)
                         row = {"format": fmt, "cameras": n_cam, "n_obs": n_obs, "workers": w,
                                "samples_per_s": round(r, 1), "per_worker": round(r / max(w, 1), 1)}
                         rows.append(row)

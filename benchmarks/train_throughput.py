@@ -129,8 +129,14 @@ def run_config(args) -> dict:
     s = run(cfg)
     from accelerate import PartialState
 
+    from chunkpolicy.training.plots import read_metrics
+
+    # the whole-run rate includes start-up (loader workers, compilation, graph capture); the last log interval's does not
+    train_recs = [r for r in read_metrics(Path(out) / "metrics.jsonl") if r["kind"] == "train"] if PartialState().is_main_process else []
+
     return {"mode": "config", "config": args.config, "overrides": args.overrides, "steps": s["steps"], "global_batch": s["global_batch"],
             "processes": s["processes"], "device": s["device"], "samples_per_s": s["samples_per_s"],
+            "samples_per_s_last_interval": train_recs[-1]["samples_per_s"] if train_recs else None,
             "final_loss": s["final_train_loss"], "run_dir": out, "is_main": PartialState().is_main_process}
 
 

@@ -19,6 +19,7 @@ import torch
 
 from chunkpolicy.atomic import atomic_file
 from chunkpolicy.config import POSTTRAIN_MUTABLE, ExperimentConfig, ModelConfig, to_dict
+from chunkpolicy.data.collate import collate_windows
 from chunkpolicy.data.mixture import MixtureDataset
 from chunkpolicy.data.store import EpisodeStore
 from chunkpolicy.data.windows import ChunkWindowDataset
@@ -162,6 +163,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     trainer = Trainer(
         prep.policy, prep.train_set, prep.val_set, cfg.train, resume=resume, accelerator=acc,
         export_fn=prep.export_fn, config_dict=to_dict(cfg), data_num_workers=cfg.data.num_workers,
+        collate_fn=collate_windows,
     )
     summary = trainer.fit()
     summary["data"] = prep.info
