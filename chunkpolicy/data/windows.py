@@ -25,11 +25,21 @@ from chunkpolicy.normalize import compute_stats
 from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
 
 
+_cv2: Any = None
+
+
 def _split(hwc: np.ndarray, planes: list[np.ndarray]) -> None:
     """Write the channels of a uint8 ``[h, w, 3]`` frame into three contiguous ``[h, w]`` planes, in place."""
-    import cv2  # imported on first use: DataLoader workers that never read images do not pay for it
+    global _cv2
+    if _cv2 is None:  # imported on first use: processes that never read images do not pay for it
+        import cv2
 
-    cv2.split(np.ascontiguousarray(hwc), planes)
+        if torch.utils.data.get_worker_info() is not None:
+            # a DataLoader worker is one of several processes: OpenCV's own thread pool only oversubscribes the
+            # cores (2 workers on 2 cores: 20% more samples/s with one thread)
+            cv2.setNumThreads(1)
+        _cv2 = cv2
+    _cv2.split(np.ascontiguousarray(hwc), planes)
 
 
 def delta_state_index(spec: EmbodimentSpec) -> tuple[np.ndarray, np.ndarray]:
