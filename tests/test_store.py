@@ -242,3 +242,19 @@ def test_corrupt_image_frame_is_one_clear_error(tmp_path):
                                   store.read_frames("images/top", np.array([0, 1])))
     with pytest.raises(ValueError, match=r"corrupt store: images/top frame 2 cannot be decoded"):
         again.read_frames("images/top", np.array([1, 2]))
+
+
+def test_chunk_files_with_wrong_sizes_are_clear_errors(tmp_path):
+    """Regression: frames are read into a buffer longer than the chunk, so Blosc's header sizes are checked against the
+    file; a file with trailing bytes, or cut after its header, is an error naming the frame."""
+    store = _new(tmp_path)
+    store.append_episode(_episode())
+    chunk = store.path / "data" / "images" / "top" / "c" / "1" / "0" / "0" / "0"
+    good = chunk.read_bytes()
+    for bad in (good + b"x" * 40, good[:16], good[:-1], good[:8]):
+        chunk.write_bytes(bad)
+        with pytest.raises(ValueError, match=r"corrupt store: images/top frame 1 cannot be decoded"):
+            EpisodeStore.open(store.path).read_frames("images/top", np.array([0, 1]))
+    chunk.write_bytes(good)
+    np.testing.assert_array_equal(EpisodeStore.open(store.path).read_frames("images/top", np.array([1])),
+                                  store.read_frames("images/top", np.array([1])))

@@ -17,6 +17,7 @@ trust only ``num_episodes``; the next append truncates anything an interrupted a
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +32,7 @@ from chunkpolicy.spaces import EmbodimentSpec
 
 FORMAT_NAME = "chunkpolicy.episode_store"
 FORMAT_VERSION = 1
+_BLOSC_MAX_OVERHEAD = 16  # bytes of header Blosc adds to a chunk that does not compress
 NUMERIC_KEYS = ("action", "state")
 _META_CHUNK = 4096
 _NUMERIC_CHUNK = 8192
@@ -250,15 +252,31 @@ class EpisodeStore:
 
         out = np.empty((len(idx), *shape), dtype=np.uint8)
         prefix, tail = f"{base}{os.sep}", "/" + "/".join("0" * len(shape))  # plain strings: pathlib costs ~40 µs/frame
+        # one read buffer for the call (os.open/readv into it: ~3 µs less per frame than open().read()); a valid chunk
+        # is at most the frame plus Blosc's 16-byte header, so a full buffer means a corrupt chunk
+        buf = bytearray(math.prod(shape) + _BLOSC_MAX_OVERHEAD + 1)
+        view = memoryview(buf)
         for k, i in enumerate(idx):
             try:
-                with open(f"{prefix}{int(i)}{tail}", "rb", buffering=0) as f:
-                    raw = f.read()
+                fd = os.open(f"{prefix}{int(i)}{tail}", os.O_RDONLY)
             except FileNotFoundError:  # never-written chunk: zarr's fill value
                 out[k] = 0
                 continue
             try:
-                blosc.decompress(raw, out[k])  # straight into the output frame, no intermediate copy
+                n = os.readv(fd, [buf])
+            finally:
+                os.close(fd)
+            try:
+                if n == len(buf):
+                    raise ValueError(f"chunk larger than any valid one ({n}+ bytes)")
+                # Blosc trusts its header's sizes and the buffer is longer than this chunk: check them first
+                # (Blosc 1 header: decoded bytes at offset 4, compressed bytes at 12, both uint32 little-endian)
+                if n < _BLOSC_MAX_OVERHEAD:
+                    raise ValueError(f"{n} bytes is shorter than a Blosc header")
+                nbytes, cbytes = int.from_bytes(buf[4:8], "little"), int.from_bytes(buf[12:16], "little")
+                if cbytes != n or nbytes != out[k].nbytes:
+                    raise ValueError(f"header says {cbytes} compressed / {nbytes} decoded bytes, file has {n}, frame needs {out[k].nbytes}")
+                blosc.decompress(view[:n], out[k])  # straight into the output frame, no intermediate copy
             except (RuntimeError, ValueError) as e:  # truncated / garbled chunk, or a frame of another size
                 raise ValueError(f"corrupt store: {base.parent.parent.name}/{base.parent.name} frame {int(i)} cannot be decoded as "
                                  f"uint8 {list(shape)} ({e})") from None
