@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from chunkpolicy.models.policy import ChunkPolicy
+from chunkpolicy.training.optim import tensor_lrs
 
 
 def capturable_adamw(params: Any, lr: float, device: torch.device | str = "cuda", **kw: Any) -> torch.optim.AdamW:
@@ -34,9 +35,7 @@ def capturable_adamw(params: Any, lr: float, device: torch.device | str = "cuda"
     needs); ``params`` as for ``torch.optim.AdamW`` (parameters or groups, e.g.
     :func:`chunkpolicy.training.optim.param_groups`)."""
     opt = torch.optim.AdamW(params, lr=torch.tensor(float(lr), device=device), fused=True, capturable=True, **kw)
-    for g in opt.param_groups:  # per-group lr overrides arrive as floats
-        if not isinstance(g["lr"], torch.Tensor):
-            g["lr"] = torch.tensor(float(g["lr"]), device=device)
+    tensor_lrs(opt, device)  # per-group lr overrides arrive as floats
     return opt
 
 

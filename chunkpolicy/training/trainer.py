@@ -4,9 +4,10 @@ It trains any module with ``compute_loss(batch) -> {"loss": scalar, ...}`` (a :c
 tests). Per optimizer step: ``grad_accum`` micro-batches (bf16 autocast when ``mixed_precision="bf16"``), gradient
 clipping, AdamW, warmup + cosine schedule, EMA update. ``train.compile`` compiles the model's layers;
 ``train.cuda_graph`` (one GPU, ``grad_accum=1``, fixed batch shapes) replays forward, backward, clipping and a
-capturable fused AdamW as one CUDA graph (:class:`~chunkpolicy.training.graphed_step.GraphedTrainStep`: 1.9x the
-eager samples/s for the pi0-size preset at batch 8, see BENCHMARKS.md). Validation loss uses the EMA weights, a fixed set of held-out
-batches and a fixed noise seed (so successive evaluations are comparable, and the training RNG is not touched).
+capturable fused AdamW as one CUDA graph (:class:`~chunkpolicy.training.graphed_step.GraphedTrainStep`; measured in
+BENCHMARKS.md: 1.8x the eager samples/s for the pi0-size preset at batch 8, 7.6x for the small preset through this
+trainer). Validation loss uses the EMA weights, a fixed set of held-out batches and a fixed noise seed (so successive
+evaluations are comparable, and the training RNG is not touched).
 
 Data order: a :class:`~chunkpolicy.data.mixture.MixtureSampler` draws a global index stream per epoch; every process
 takes its slice of each global batch. The trainer counts the micro-batches it consumed, so a checkpoint records the
