@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,11 +134,16 @@ def run_config(args) -> dict:
 
     # the whole-run rate includes start-up (loader workers, compilation, graph capture); the last log interval's does not
     train_recs = [r for r in read_metrics(Path(out) / "metrics.jsonl") if r["kind"] == "train"] if PartialState().is_main_process else []
+    if args.run_dir is None:
+        # the trainer always checkpoints its last step: at pi0 size that is ~50 GB (weights, AdamW moments, EMA), and
+        # two runs' leftovers filled a 64 GB disk; every process removes its own temp dir once all are done
+        PartialState().wait_for_everyone()
+        shutil.rmtree(out, ignore_errors=True)
 
     return {"mode": "config", "config": args.config, "overrides": args.overrides, "steps": s["steps"], "global_batch": s["global_batch"],
             "processes": s["processes"], "device": s["device"], "samples_per_s": s["samples_per_s"],
             "samples_per_s_last_interval": train_recs[-1]["samples_per_s"] if train_recs else None,
-            "final_loss": s["final_train_loss"], "run_dir": out, "is_main": PartialState().is_main_process}
+            "final_loss": s["final_train_loss"], "run_dir": args.run_dir, "is_main": PartialState().is_main_process}
 
 
 def main(argv=None) -> int:
