@@ -5,7 +5,8 @@ separate shared-memory segment that the worker creates and fills and the main pr
 ten tensors of the batch schema that is ten segments per batch, and on a small machine those system calls and page
 faults cost more than reading the frames (``benchmarks/data_loading.py``, its ``ceiling`` rows). :func:`collate_windows`
 stacks the same tensors into views of **one** block, so a batch crosses the process boundary as one segment. The
-tensors it returns are ordinary (views with the stacked shapes and dtypes); values equal ``default_collate``'s.
+tensors it returns are ordinary (views with the stacked shapes and dtypes); values equal ``default_collate``'s. One
+difference: any one of them kept alone keeps the whole block (the images too) alive; ``.clone()`` what you keep.
 """
 
 from __future__ import annotations
