@@ -21,11 +21,11 @@ from chunkpolicy.training.checkpoint import CheckpointManager, capture_rng, rest
 from chunkpolicy.training.distributed import ShardedBatchSampler
 from chunkpolicy.training.ema import EMA
 from chunkpolicy.training.optim import (
-    build_optimizer, build_scheduler, lr_factor, optimizer_state_from_tensors, optimizer_state_to_tensors, set_lr,
-    tensor_lrs,
+    build_optimizer, build_scheduler, lr_factor, optimizer_state_from_tensors, optimizer_state_to_tensors, plain_numbers,
+    set_lr, tensor_lrs,
 )
 from chunkpolicy.training.plots import read_metrics
-from chunkpolicy.training.trainer import KILL_ENV, Trainer, _numbers
+from chunkpolicy.training.trainer import KILL_ENV, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,7 +239,7 @@ def test_tensor_learning_rates_follow_the_schedule_in_place_and_serialize():
     assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.05)
     _, meta = optimizer_state_to_tensors(opt.state_dict())
     assert json.loads(meta)["param_groups"][0]["lr"] == pytest.approx(0.05)
-    json.dumps(_numbers(sch.state_dict()))
+    json.dumps(plain_numbers(sch.state_dict()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the benchmark machine)")

@@ -66,6 +66,18 @@ def set_lr(group: dict[str, Any], lr: float) -> None:
         group["lr"] = lr
 
 
+def plain_numbers(obj: Any) -> Any:
+    """``obj`` (nested dicts / lists / tuples) with 0-d tensors, such as a capturable optimizer's learning rates, as
+    Python numbers, for JSON."""
+    if isinstance(obj, torch.Tensor):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: plain_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_numbers(v) for v in obj)
+    return obj
+
+
 def lr_factor(step: int, warmup: int, total: int, lr: float, final_lr: float) -> float:
     """Multiplier of the peak ``lr`` after ``step`` optimizer steps (see the module docstring)."""
     if step < warmup:
@@ -90,8 +102,8 @@ def optimizer_state_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, to
             else:
                 scalars.setdefault(str(idx), {})[k] = v
     # a capturable optimizer keeps lr (and the scheduler's initial_lr) as 0-d tensors: stored as numbers
-    groups = [{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()} for g in state_dict["param_groups"]]
-    meta = {"param_groups": groups, "scalars": scalars, "indices": [int(i) for i in state_dict["state"]]}
+    meta = {"param_groups": plain_numbers(state_dict["param_groups"]), "scalars": scalars,
+            "indices": [int(i) for i in state_dict["state"]]}
     return tensors, json.dumps(meta)
 
 

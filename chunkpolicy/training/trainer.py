@@ -40,7 +40,8 @@ from chunkpolicy.training.checkpoint import (
 from chunkpolicy.training.ema import EMA
 from chunkpolicy.training.distributed import LossModule, ShardedBatchSampler, make_accelerator, to_device, unused_parameters
 from chunkpolicy.training.optim import (
-    build_optimizer, build_scheduler, optimizer_state_from_tensors, optimizer_state_to_tensors, set_lr, tensor_lrs,
+    build_optimizer, build_scheduler, optimizer_state_from_tensors, optimizer_state_to_tensors, plain_numbers, set_lr,
+    tensor_lrs,
 )
 
 __all__ = ["Trainer", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device", "unused_parameters",
@@ -191,7 +192,7 @@ class Trainer:
             opt_t, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
             state = TrainingState(
                 step=self.step, epoch=self.epoch, position=self.position, samples_seen=self.samples_seen,
-                world_size=self.world, scheduler=_numbers(self.scheduler.state_dict()),
+                world_size=self.world, scheduler=plain_numbers(self.scheduler.state_dict()),
                 ema_updates=self.ema.num_updates if self.ema is not None else 0,
                 elapsed_s=self.elapsed_before + (time.perf_counter() - self.t_start),
                 extra={"sampler": self.sampler.state_dict(self.epoch, self.position * self.cfg.batch_size * self.world)},
@@ -361,17 +362,18 @@ class Trainer:
                 loss, gnorm = self._graphed_step(to_device(next(batches), dev))
                 loss_sum += loss.float()
                 n_loss += 1
-            for _ in range(0 if graphed else cfg.grad_accum):
-                batch = to_device(next(batches), dev)
-                with acc.accumulate(self.wrapper):
-                    loss = self.wrapper(batch)["loss"]
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.grad_clip > 0:
-                        gnorm = acc.clip_grad_norm_(trainable, cfg.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().float()
-                n_loss += 1
+            else:
+                for _ in range(cfg.grad_accum):
+                    batch = to_device(next(batches), dev)
+                    with acc.accumulate(self.wrapper):
+                        loss = self.wrapper(batch)["loss"]
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.grad_clip > 0:
+                            gnorm = acc.clip_grad_norm_(trainable, cfg.grad_clip)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    loss_sum += loss.detach().float()
+                    n_loss += 1
             # the step's lr from the schedule itself: reading a graphed step's lr tensor would sync with the device
             lr_used = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
             self.scheduler.step()
@@ -442,17 +444,6 @@ class Trainer:
             if diffs:
                 print("warning: config differs from the run's saved config.yaml: " + ", ".join(diffs[:10]))
         path.write_text(new)
-
-
-def _numbers(obj: Any) -> Any:
-    """``obj`` with 0-d tensors (a capturable optimizer's learning rates) as Python numbers, for JSON."""
-    if isinstance(obj, torch.Tensor):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: _numbers(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_numbers(v) for v in obj)
-    return obj
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
