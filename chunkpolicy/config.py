@@ -347,7 +347,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
 def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     """Value checks beyond types (OmegaConf checked those); raises :class:`ConfigError` naming the key."""
     from chunkpolicy.models.backbone import PRESETS, BackboneConfig
-    from chunkpolicy.models.heads.base import HEADS, head_config
+    from chunkpolicy.models.heads.configs import head_config, head_types
     from chunkpolicy.normalize import MODES
     from chunkpolicy.spaces import LAYOUTS
 
@@ -357,7 +357,7 @@ def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     for k, v in (m.backbone_overrides or {}).items():
         _need(k in hints, f"model.backbone_overrides.{k}", f"unknown backbone field{_close(k, hints)}; fields: {sorted(hints)}")
         _check_type(f"model.backbone_overrides.{k}", v, hints[k])
-    _need(m.head in HEADS, "model.head", f"unknown head {m.head!r}; heads: {list(HEADS)}")
+    _need(m.head in head_types(), "model.head", f"unknown head {m.head!r}; heads: {head_types()}")
     try:
         head_cfg = head_config(m.head, _plain(m.head_options))
     except (ValueError, TypeError) as e:

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from chunkpolicy.models.backbone import Backbone, backbone_config
-from chunkpolicy.models.heads.base import build_head, head_config
+from chunkpolicy.models.heads.base import build_head
+from chunkpolicy.models.heads.configs import head_config
 from helpers import toy_batch, toy_policy
 
 

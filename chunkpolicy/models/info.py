@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from chunkpolicy.models.backbone import Backbone, backbone_config
-from chunkpolicy.models.heads.base import build_head, head_config
+from chunkpolicy.models.heads.base import build_head
+from chunkpolicy.models.heads.configs import head_config
 
 
 def model_info(preset: str, head: str, horizon: int = 50, action_dim: int = 32, head_options: dict | None = None) -> dict:

@@ -21,7 +21,8 @@ from torch import nn
 
 from chunkpolicy.atomic import atomic_dir
 from chunkpolicy.models.backbone import Backbone, backbone_config
-from chunkpolicy.models.heads.base import build_head, head_config
+from chunkpolicy.models.heads.base import build_head
+from chunkpolicy.models.heads.configs import head_config
 from chunkpolicy.models.tokenizer import build_char_tokenizer, load_tokenizer, tokenize_prompts
 from chunkpolicy.normalize import Normalizer
 from chunkpolicy.spaces import UnifiedSpace
@@ -73,7 +74,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             tokenizer = load_tokenizer(config.tokenizer_dir) if config.tokenizer_dir else build_char_tokenizer()
         _check(len(tokenizer) <= self.backbone.vocab_size,
                f"tokenizer has {len(tokenizer)} ids but the backbone vocabulary has {self.backbone.vocab_size}")
-        reserved = getattr(self.head, "base", None)  # first vocabulary id a head reserves for itself
+        reserved = self.head.reserved_token_base
         _check(reserved is None or len(tokenizer) <= reserved,
                f"tokenizer ids (< {len(tokenizer)}) overlap the {config.head} head's reserved ids (>= {reserved})")
         self.tokenizer = tokenizer

@@ -18,41 +18,15 @@ so whatever values sit there change neither the loss nor its gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from chunkpolicy.models import flow
 from chunkpolicy.models.backbone import Backbone, PrefixOutput, sinusoidal_embedding
-from chunkpolicy.models.heads.base import ActionHead, register_head
+from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
+from chunkpolicy.models.heads.configs import DiTConfig
 from chunkpolicy.models.losses import masked_mean
-
-OBJECTIVES = ("diffusion", "flow")
-SAMPLERS = ("ddim", "dpmsolver")
-
-
-@dataclass
-class DiTConfig:
-    hidden: int | None = None  # None: min(backbone width, 512)
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    objective: str = "diffusion"
-    prediction: str = "epsilon"  # diffusion target: "epsilon" or "sample"
-    train_timesteps: int = 100
-    sampler: str = "ddim"
-    num_steps: int = 10
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"dit objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"dit sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.prediction not in ("epsilon", "sample"):
-            raise ValueError(f"dit prediction must be 'epsilon' or 'sample', got {self.prediction!r}")
-
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -81,8 +55,12 @@ class DiTBlock(nn.Module):
         return x + g2[:, None] * self.mlp(_modulate(self.norm2(x), s2, sc2))
 
 
-@register_head("dit", DiTConfig)
+@register_head("dit")
 class DiTHead(ActionHead):
+    @classmethod
+    def capabilities(cls, cfg: DiTConfig) -> HeadCapabilities:
+        flow_obj = cfg.objective == "flow"  # diffusers' scheduler steps read Python scalars: not graph-capturable
+        return HeadCapabilities(velocity=flow_obj, sync_free_sample=flow_obj, sync_free_loss=True)
     def __init__(self, cfg: DiTConfig, backbone: Backbone, horizon: int, action_dim: int) -> None:
         super().__init__(cfg, backbone, horizon, action_dim)
         h = cfg.hidden or min(backbone.width, 512)

@@ -36,19 +36,9 @@ from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMS
 from chunkpolicy.models import flow
 from chunkpolicy.models.backbone import (Backbone, FusedLayer, Prefix, PrefixOutput, attend, attend_few, blockwise_mask, finish,
                                          mask_bias, qkv, sinusoidal_embedding)
-from chunkpolicy.models.heads.base import ActionHead, register_head
+from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
+from chunkpolicy.models.heads.configs import FlowExpertConfig
 from chunkpolicy.models.losses import masked_mean
-
-
-@dataclass
-class FlowExpertConfig:
-    """``width``/``mlp`` None: π0 sizes for a 2048-wide backbone (1024 / 4096), else half the backbone width / 4×."""
-
-    width: int | None = None
-    mlp: int | None = None
-    num_steps: int = flow.DEFAULT_STEPS
-    min_period: float = 4e-3
-    max_period: float = 4.0
 
 
 @dataclass
@@ -67,9 +57,13 @@ class SuffixCache:
     prefix_len: int = 0
 
 
-@register_head("flow_expert", FlowExpertConfig)
+@register_head("flow_expert")
 class FlowExpertHead(ActionHead):
-    reads_prefix_hidden = False  # only the per-layer keys/values: see the module docstring
+    @classmethod
+    def capabilities(cls, cfg: FlowExpertConfig) -> HeadCapabilities:
+        # reads only the per-layer keys/values: see the module docstring
+        return HeadCapabilities(velocity=True, sync_free_sample=True, sync_free_loss=True, reads_prefix_hidden=False,
+                                compile_layers=True, fused_layers=True)
 
     def __init__(self, cfg: FlowExpertConfig, backbone: Backbone, horizon: int, action_dim: int) -> None:
         super().__init__(cfg, backbone, horizon, action_dim)

@@ -15,7 +15,6 @@ FAST mixes steps in the DCT, so it keeps the hold continuation's tokens in the l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,18 +22,16 @@ import torch.nn.functional as F
 
 from chunkpolicy.models.action_tokenizers import FASTTokenizer, make_action_tokenizer, tokenizer_from_dict
 from chunkpolicy.models.backbone import Backbone, PrefixOutput, attend, finish, qkv
-from chunkpolicy.models.heads.base import ActionHead, register_head
+from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
+from chunkpolicy.models.heads.configs import TokensConfig
 
 
-@dataclass
-class TokensConfig:
-    tokenizer: str = "bins"  # "bins" | "mulaw" | "fast"
-    fast_vocab: int = 1024
-    fast_scale: float = 10.0
-
-
-@register_head("tokens", TokensConfig)
+@register_head("tokens")
 class TokensHead(ActionHead):
+    @classmethod
+    def capabilities(cls, cfg: TokensConfig) -> HeadCapabilities:
+        # tokenizers quantize [-1, 1]: only bounded normalizations map the data there
+        return HeadCapabilities(needs_data_fit=cfg.tokenizer == "fast", may_fail=True, action_norms=("quantile", "min_max"))
     def __init__(self, cfg: TokensConfig, backbone: Backbone, horizon: int, action_dim: int) -> None:
         super().__init__(cfg, backbone, horizon, action_dim)
         if backbone.num_layers == 0:
@@ -44,7 +41,7 @@ class TokensHead(ActionHead):
         n = self.tokenizer.vocab_size + 2
         if n >= backbone.vocab_size:
             raise ValueError(f"{cfg.tokenizer}: {n} reserved ids do not fit the backbone vocabulary of {backbone.vocab_size}")
-        self.base = backbone.vocab_size - n  # first reserved id
+        self.base = self.reserved_token_base = backbone.vocab_size - n  # first reserved id
         self.act_id, self.end_id = self.base + self.tokenizer.vocab_size, self.base + self.tokenizer.vocab_size + 1
         self.last_invalid_count, self.last_valid = 0, None
 

@@ -1,0 +1,120 @@
+"""Typed head configs: one dataclass per head, selected by its ``type`` tag.
+
+They live apart from the head modules (as LeRobot keeps ``configuration_*.py`` apart from ``modeling_*.py``) so that
+experiment configs can be parsed and checked without building or importing any network. A third-party head adds
+``@register_head_config("name")`` on its own ``HeadConfig`` subclass and ``@register_head("name")`` on its head class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
+
+from chunkpolicy.models import flow
+
+_CONFIGS: dict[str, type["HeadConfig"]] = {}
+
+
+@dataclass
+class HeadConfig:
+    """Base of every head config; ``type`` is the registry tag (the head's name)."""
+
+    type: str = ""
+
+    def __post_init__(self) -> None:
+        want = getattr(type(self), "TAG", None)
+        if want is not None and self.type != want:
+            raise ValueError(f"head type: {type(self).__name__} is the config of head {want!r}, got type={self.type!r}")
+
+
+def register_head_config(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if not (dataclasses.is_dataclass(cls) and issubclass(cls, HeadConfig)):
+            raise TypeError(f"register_head_config({name!r}): {cls!r} is not a HeadConfig dataclass")
+        if name in _CONFIGS and _CONFIGS[name] is not cls:
+            raise ValueError(f"register_head_config: {name!r} is already registered to {_CONFIGS[name].__name__}")
+        cls.TAG = name
+        _CONFIGS[name] = cls
+        return cls
+
+    return deco
+
+
+def head_config_class(name: str) -> type["HeadConfig"]:
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown head {name!r}; heads: {sorted(_CONFIGS)}")
+    return _CONFIGS[name]
+
+
+def head_types() -> list[str]:
+    return sorted(_CONFIGS)
+
+
+def head_config(name: str, options: Mapping[str, Any] | None = None) -> "HeadConfig":
+    """The head's config from a plain dict of options (``type`` may be included); unknown names are errors."""
+    cls = head_config_class(name)
+    options = {k: v for k, v in dict(options or {}).items() if k != "type"}
+    known = {f.name for f in fields(cls)} - {"type"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for head {name!r}; options: {sorted(known)}")
+    return cls(type=name, **options)
+
+
+@register_head_config("flow_expert")
+@dataclass
+class FlowExpertConfig(HeadConfig):
+    """``width``/``mlp`` None: π0 sizes for a 2048-wide backbone (1024 / 4096), else half the backbone width / 4×."""
+
+    type: str = "flow_expert"
+    width: int | None = None
+    mlp: int | None = None
+    num_steps: int = flow.DEFAULT_STEPS
+    min_period: float = 4e-3
+    max_period: float = 4.0
+
+
+DIT_OBJECTIVES = ("diffusion", "flow")
+DIT_SAMPLERS = ("ddim", "dpmsolver")
+
+
+@register_head_config("dit")
+@dataclass
+class DiTConfig(HeadConfig):
+    type: str = "dit"
+    hidden: int | None = None  # None: min(backbone width, 512)
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    objective: str = "diffusion"  # "diffusion" (diffusers schedulers) or "flow"
+    prediction: str = "epsilon"  # diffusion target: "epsilon" or "sample"
+    train_timesteps: int = 100
+    sampler: str = "ddim"  # diffusion sampling: "ddim" or "dpmsolver" (DPM-Solver++)
+    num_steps: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in DIT_OBJECTIVES:
+            raise ValueError(f"dit objective must be one of {DIT_OBJECTIVES}, got {self.objective!r}")
+        if self.sampler not in DIT_SAMPLERS:
+            raise ValueError(f"dit sampler must be one of {DIT_SAMPLERS}, got {self.sampler!r}")
+        if self.prediction not in ("epsilon", "sample"):
+            raise ValueError(f"dit prediction must be 'epsilon' or 'sample', got {self.prediction!r}")
+
+
+ACTION_TOKENIZERS = ("bins", "mulaw", "fast")
+
+
+@register_head_config("tokens")
+@dataclass
+class TokensConfig(HeadConfig):
+    type: str = "tokens"
+    tokenizer: str = "bins"  # "bins" (RT-2 / OpenVLA) | "mulaw" (Gato) | "fast" (FAST DCT + BPE)
+    fast_vocab: int = 1024
+    fast_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokenizer not in ACTION_TOKENIZERS:
+            raise ValueError(f"tokens tokenizer must be one of {ACTION_TOKENIZERS}, got {self.tokenizer!r}")
