@@ -211,7 +211,7 @@ def other_heads_latency(args, rows, results) -> None:
             if opts.get("tokenizer") == "fast":
                 rng = np.random.default_rng(0)
                 t = np.linspace(0, 1, H)[:, None]
-                policy.head.fit_tokenizer([np.sin(2 * np.pi * (rng.uniform(0.2, 1, (1, ACT_DIM)) * t + rng.uniform(0, 1, (1, ACT_DIM))))
+                policy.head.fit_to_data([np.sin(2 * np.pi * (rng.uniform(0.2, 1, (1, ACT_DIM)) * t + rng.uniform(0, 1, (1, ACT_DIM))))
                                            for _ in range(500)])
             for n_cam in cams:
                 obs = observation(n_cam, 1, dev, args.image_size)

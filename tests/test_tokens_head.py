@@ -34,7 +34,7 @@ def test_cached_greedy_equals_uncached(name):
     batch = toy_batch()
     if name == "fast":
         rng = np.random.default_rng(0)
-        policy.head.fit_tokenizer([rng.uniform(-1, 1, (6, 3)) for _ in range(50)])
+        policy.head.fit_to_data([rng.uniform(-1, 1, (6, 3)) for _ in range(50)])
     _, pout, _ = policy._prefix(batch)
     fast = policy.head.generate(policy.backbone, pout, 12, use_cache=True)
     slow = policy.head.generate(policy.backbone, pout, 12, use_cache=False)
@@ -53,7 +53,7 @@ def test_invalid_decodes_are_counted_not_hidden():
 def test_fast_tokenizer_saved_with_checkpoint(tmp_path):
     policy = toy_policy("tokens", head_options={"tokenizer": "fast"})
     rng = np.random.default_rng(0)
-    policy.head.fit_tokenizer([rng.uniform(-1, 1, (6, 3)) for _ in range(50)])
+    policy.head.fit_to_data([rng.uniform(-1, 1, (6, 3)) for _ in range(50)])
     policy.save_pretrained(tmp_path / "ck")
     again = ChunkPolicy.from_pretrained(tmp_path / "ck")
     chunk = rng.uniform(-1, 1, (6, 3))

@@ -134,6 +134,10 @@ class FASTTokenizer(ActionTokenizer):
         self._bpe = tok
         return self
 
+    @property
+    def fitted(self) -> bool:
+        return self._bpe is not None
+
     def _need_fit(self) -> Any:
         if self._bpe is None:
             raise RuntimeError("FAST tokenizer is not fitted: call fit(normalized training chunks) first")

@@ -57,10 +57,14 @@ class TokensHead(ActionHead):
         if "action_tokenizer.json" in files:
             self.tokenizer = tokenizer_from_dict(json.loads(files["action_tokenizer.json"]))
 
-    def fit_tokenizer(self, chunks: list[np.ndarray]) -> None:
-        """FAST only: train the BPE on normalized training chunks (each ``[H, d]`` of valid dims)."""
-        if isinstance(self.tokenizer, FASTTokenizer):
-            self.tokenizer.fit(chunks)
+    def fit_to_data(self, chunks: list[np.ndarray]) -> None:
+        """FAST only: train the BPE on normalized training chunks (each ``[H, d]`` of one sample's valid dims)."""
+        if not isinstance(self.tokenizer, FASTTokenizer):
+            raise NotImplementedError(f"the {self.cfg.tokenizer!r} tokenizer needs no fitting")
+        self.tokenizer.fit(chunks)
+
+    def is_fitted(self) -> bool:
+        return not isinstance(self.tokenizer, FASTTokenizer) or self.tokenizer.fitted
 
     # -- sequences ------------------------------------------------------------------------------------------------
     def _targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
