@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chunkpolicy.models.heads.configs import DiTConfig, FlowExpertConfig, HeadConfig, TokensConfig
 from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
 from chunkpolicy.normalize import compute_stats
 from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
@@ -41,10 +42,10 @@ def spec(n_cam: int) -> EmbodimentSpec:
                           tuple(f"cam{i}" for i in range(n_cam)), 50.0, gripper_dims=("gripper",))
 
 
-def make_policy(preset: str, head: str, head_options: dict, device: str, dtype: torch.dtype) -> ChunkPolicy:
+def make_policy(preset: str, head: HeadConfig, device: str, dtype: torch.dtype) -> ChunkPolicy:
     rng = np.random.default_rng(0)
     stats = {"arm": {"action": compute_stats(rng.normal(size=(100, ACT_DIM))), "state": compute_stats(rng.normal(size=(100, STATE_DIM)))}}
-    cfg = PolicyConfig(backbone=preset, head=head, head_options=head_options, horizon=H, max_prompt_tokens=PROMPT_TOKENS)
+    cfg = PolicyConfig(backbone=preset, head=head, horizon=H, max_prompt_tokens=PROMPT_TOKENS)
     with torch.device(device):  # initialise directly on the GPU
         p = ChunkPolicy(cfg, UnifiedSpace(32, "pad", embodiments=[spec(3)]), stats)
     return p.to(dtype)
@@ -118,7 +119,7 @@ def flow_latency(args, rows, results) -> None:
     from chunkpolicy.runtime.rtc import CudaGraphRTC, rtc_infer, rtc_target
 
     dev, dtype = args.device, args.dtype
-    policy = make_policy(args.preset, "flow_expert", {}, dev, dtype).eval()
+    policy = make_policy(args.preset, FlowExpertConfig(), dev, dtype).eval()
     n_params = sum(p.numel() for p in policy.parameters())
     base = {"model": "chunkpolicy flow_expert", "params": n_params}
     for n_cam in args.cams:
@@ -199,16 +200,17 @@ def rtc_latency(args, policy, obs, rows, results, base, rtc_infer, rtc_target, C
 
 def other_heads_latency(args, rows, results) -> None:
     dev, dtype = args.device, args.dtype
-    heads = [("dit", {"objective": "diffusion", "sampler": "ddim", "num_steps": STEPS}, "dit (DDIM)", (1, 3), args.calls),
-             ("tokens", {"tokenizer": "bins"}, "tokens (bins)", (1,), args.token_calls),
-             ("tokens", {"tokenizer": "fast"}, "tokens (FAST)", (1,), args.token_calls)]
-    for head, opts, label, cams, calls in heads:
+    heads = [(DiTConfig(objective="diffusion", sampler="ddim", num_steps=STEPS), "dit (DDIM)", (1, 3), args.calls),
+             (TokensConfig(tokenizer="bins"), "tokens (bins)", (1,), args.token_calls),
+             (TokensConfig(tokenizer="fast"), "tokens (FAST)", (1,), args.token_calls)]
+    for head_cfg, label, cams, calls in heads:
+        head = head_cfg.type
         if args.only != ["all"] and label not in args.only:
             continue
         reset_peak(dev)
         try:
-            policy = make_policy(args.preset, head, opts, dev, dtype).eval()
-            if opts.get("tokenizer") == "fast":
+            policy = make_policy(args.preset, head_cfg, dev, dtype).eval()
+            if policy.head.caps.needs_data_fit:
                 rng = np.random.default_rng(0)
                 t = np.linspace(0, 1, H)[:, None]
                 policy.head.fit_to_data([np.sin(2 * np.pi * (rng.uniform(0.2, 1, (1, ACT_DIM)) * t + rng.uniform(0, 1, (1, ACT_DIM))))

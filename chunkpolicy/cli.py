@@ -27,7 +27,9 @@ def _data(args: argparse.Namespace) -> int:
 def _model(args: argparse.Namespace) -> int:
     from chunkpolicy.models.info import format_model_info, model_info
 
-    print(format_model_info(model_info(args.preset, args.head)))
+    import yaml
+
+    print(format_model_info(model_info(args.preset, yaml.safe_load(args.head))))  # a name or a {type: ..., ...} mapping
     return 0
 
 
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub = model.add_subparsers(dest="model_cmd", required=True)
     minfo = msub.add_parser("info", help="parameter counts per component (built on the meta device)")
     minfo.add_argument("--preset", default="paligemma-3b")
-    minfo.add_argument("--head", default="flow_expert")
+    minfo.add_argument("--head", default="flow_expert", help="head name, or a typed config: '{type: dit, depth: 2}'")
     model.set_defaults(func=_model)
 
     for name in FORWARDED:

@@ -9,10 +9,16 @@ missing dataset path, missing checkpoint) before any model is built or data is r
 the current working directory. A section may name a YAML file holding it (``model: model/tiny_flow.yaml``, relative
 to the config file). Overrides address list items by index: ``data.datasets.1.path=/data/b.zarr``; a whole
 list can be replaced: ``'data.datasets=[{path: a.zarr}, {path: b.zarr, weight: 2}]'``.
+
+``model.head`` is a typed section selected by its ``type`` tag (see :func:`load_config`): YAML
+``head: {type: tokens, tokenizer: fast}``, overrides ``model.head.type=tokens model.head.tokenizer=fast`` or the
+shorthand ``model.head=tokens``; its options are checked against that head's dataclass
+(:mod:`chunkpolicy.models.heads.configs`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -22,12 +28,13 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from chunkpolicy.models.heads.configs import HeadConfig, head_config_class, head_types
 from chunkpolicy.models.policy import PolicyConfig
 
 MIXED_PRECISION = ("no", "bf16")
@@ -41,7 +48,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig(PolicyConfig):
-    """:class:`PolicyConfig` (backbone preset, head + options, horizon, n_obs_steps, normalization modes, delta
+    """:class:`PolicyConfig` (backbone preset, typed head config, horizon, n_obs_steps, normalization modes, delta
     actions, ...) plus the unified space and optional real backbone weights.
 
     ``delta_actions`` lives here (the policy needs it at inference); the data pipeline reads it from the model.
@@ -202,6 +209,8 @@ def _check_keys(raw: Any, cls: type, prefix: str, source: str) -> None:
     hints = typing.get_type_hints(cls)
     for k, v in raw.items():
         key = f"{prefix}{k}"
+        if k not in hints and issubclass(cls, HeadConfig):
+            raise ConfigError(_unknown_head_key(key, cls, source))
         if k not in hints:
             close = difflib.get_close_matches(str(k), list(hints), n=1, cutoff=0.6)
             hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; {prefix.rstrip('.') or 'top level'} has {sorted(hints)}"
@@ -213,6 +222,8 @@ def _check_keys(raw: Any, cls: type, prefix: str, source: str) -> None:
         if dataclasses.is_dataclass(t):
             if v is not None and not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {v!r} [{source}]")
+            if issubclass(t, HeadConfig) and v is not None:  # the selected head's dataclass (_select_head set the type)
+                t = head_config_class(v["type"])
             _check_keys(v, t, f"{key}.", source)  # type: ignore[arg-type]
         elif typing.get_origin(t) is dict and v is not None and not isinstance(v, dict):
             raise ConfigError(f"{key}: expected a mapping, got {v!r} [{source}]")
@@ -244,7 +255,7 @@ def _load_section(config_path: Path, section: str, ref: str) -> Any:
 
 
 def _in_free_dict(cfg: DictConfig, key: str) -> bool:
-    """``key``'s parent is a free-form dict (``head_options``, ``backbone_overrides``): new keys are allowed there."""
+    """``key``'s parent is a free-form dict (``backbone_overrides``): new keys are allowed there."""
     if "." not in key:
         return False
     try:
@@ -254,13 +265,85 @@ def _in_free_dict(cfg: DictConfig, key: str) -> bool:
     return isinstance(parent, DictConfig) and OmegaConf.get_type(parent) is dict
 
 
+def _unknown_head_key(key: str, cls: type, source: str) -> str:
+    options = [f.name for f in fields(cls) if f.name != "type"]
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], options, n=1, cutoff=0.6)
+    hint = f" (did you mean {'model.head.' + close[0]!r}?)" if close else ""
+    return f"{key}: unknown key; head {getattr(cls, 'TAG', cls.__name__)!r} has {sorted(options)}{hint} [{source}]"
+
+
+_HEAD_SPELLING = "a head name or a mapping with a 'type' tag"
+
+
+def _select_head(raw: dict[str, Any], overrides: Sequence[tuple[str, Any, str]], source: str) -> str:
+    """The head type from the YAML and the overrides, decided before anything is merged so that ``model.head`` gets
+    that head's dataclass as its schema. The last override naming a type wins (``model.head=NAME``,
+    ``model.head.type=NAME`` or ``model.head={type: NAME, ...}``); option overrides are checked against that head
+    whatever their order. Switching the type away from the YAML's drops the YAML's options of the old head (they
+    mean nothing to the new one); the options given as overrides are kept. Rewrites ``raw``'s ``model.head`` into
+    the mapping form with the final type."""
+    default = PolicyConfig().head.type
+    model = raw.get("model")
+    yaml_head = model.get("head") if isinstance(model, dict) else None
+    if isinstance(yaml_head, str):
+        yaml_head = {"type": yaml_head}
+    elif yaml_head is not None and not isinstance(yaml_head, dict):
+        raise ConfigError(f"model.head: expected {_HEAD_SPELLING}, got {yaml_head!r} [{source}]")
+    yaml_tag = (yaml_head or {}).get("type", default)
+    tag, where = yaml_tag, ("model.head.type" if yaml_head and "type" in yaml_head else "model.head", source)
+    for key, value, item in overrides:
+        if (key == "model.head" and isinstance(value, dict) and "type" in value) or key == "model.head.type":
+            tag, where = (value["type"] if key == "model.head" else value), (key, f"override {item!r}")
+        elif key == "model.head" and isinstance(value, str):
+            tag, where = value, (key, f"override {item!r}")
+        elif key == "model.head" and not isinstance(value, dict):
+            raise ConfigError(f"model.head: expected {_HEAD_SPELLING}, got {value!r} [override {item!r}]")
+    if not isinstance(tag, str) or tag not in head_types():
+        raise ConfigError(f"{where[0]}: unknown head {tag!r}; heads: {head_types()} [{where[1]}]")
+    if isinstance(model, dict) and yaml_head is not None:
+        model["head"] = {**yaml_head, "type": tag} if tag == yaml_tag else {"type": tag}
+    return tag
+
+
+def _schema(head_type: str) -> DictConfig:
+    """The experiment schema with ``model.head`` typed as ``head_type``'s config dataclass."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    schema.model.head = OmegaConf.structured(head_config_class(head_type))
+    return schema
+
+
+def _to_object(cfg: DictConfig, source: str) -> ExperimentConfig:
+    """``cfg`` as dataclasses. A head option the head's own checks reject is named by trying each option alone on
+    the head's defaults (the checks live in the dataclass, not here); a rejected combination names ``model.head``."""
+    head = OmegaConf.to_container(cfg.model.head, resolve=True)
+    cls = OmegaConf.get_type(cfg.model.head)
+    try:
+        cls(**head)
+    except (ValueError, TypeError) as e:
+        for k, v in head.items():  # type: ignore[union-attr]
+            if k == "type":
+                continue
+            try:
+                cls(**{"type": head["type"], k: v})  # type: ignore[index]
+            except (ValueError, TypeError) as e1:
+                raise ConfigError(f"model.head.{k}: {e1} [{source}]") from None
+        raise ConfigError(f"model.head: {e} [{source}]") from None
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise _omega_error(e, source) from None
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), *, check_paths: bool = True) -> ExperimentConfig:
     """YAML file (or None for the defaults) + dotted overrides → validated :class:`ExperimentConfig`.
 
     Raises :class:`ConfigError` naming the key for unknown keys, wrong types, bad values and missing paths.
+    ``model.head``: see :func:`_select_head` for how its type is chosen; the chosen head's dataclass is the schema of
+    the section, so OmegaConf checks its option names and types. Switching the type away from the YAML's drops the
+    YAML's options of the old head.
     """
-    schema = OmegaConf.structured(ExperimentConfig)
-    source = "defaults"
+    parsed = [(*_parse_override(item), item) for item in overrides]
+    source, raw = "defaults", {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -275,32 +358,38 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), *
         for section, value in list(raw.items()):
             if isinstance(value, str) and value.endswith((".yaml", ".yml")):  # `model: model/tiny_flow.yaml`
                 raw[section] = _load_section(p, section, value)
+    head_type = _select_head(raw, parsed, source)
+    cfg = _schema(head_type)
+    if path is not None:
         _check_keys(raw, ExperimentConfig, "", source)
         try:
-            cfg = OmegaConf.merge(schema, OmegaConf.create(raw))
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(raw))
         except OmegaConfBaseException as e:
             raise _omega_error(e, source) from None
         except TypeError as e:
             raise ConfigError(f"<root>: {e} [{source}]") from None
-    else:
-        cfg = schema
-    for item in overrides:
-        key, value = _parse_override(item)
+    flat: list[tuple[str, Any, str]] = []
+    for key, value, item in parsed:  # the head type is already set: `model.head={...}` is its options, one by one
+        if key == "model.head" and isinstance(value, dict):
+            flat += [(f"model.head.{k}", v, item) for k, v in value.items() if k != "type"]
+        elif key not in ("model.head", "model.head.type"):
+            flat.append((key, value, item))
+    for key, value, item in flat:
         sentinel = object()
         try:
             exists = OmegaConf.select(cfg, key, default=sentinel, throw_on_missing=False) is not sentinel
         except OmegaConfBaseException:
             exists = False
+        if not exists and key.startswith("model.head."):
+            raise ConfigError(_unknown_head_key(key, head_config_class(head_type), f"override {item!r}"))
         if not exists and not _in_free_dict(cfg, key):
             raise ConfigError(f"{key}: unknown key{_suggest(key)} [override {item!r}]")
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:
             raise _omega_error(e, f"override {item!r}") from None
-    try:
-        obj: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        raise _omega_error(e, source) from None
+    obj = _to_object(cfg, source if not parsed else f"{source} + overrides")
+    obj.model.backbone_overrides = _typed_backbone_overrides(obj.model)
     validate(obj, check_paths=check_paths)
     return obj
 
@@ -315,10 +404,12 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 def from_dict(d: dict[str, Any]) -> ExperimentConfig:
     """Inverse of :func:`to_dict` (schema-checked, paths not checked)."""
+    d = copy.deepcopy(d)  # _select_head rewrites model.head
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(d)))  # type: ignore[return-value]
+        cfg = OmegaConf.merge(_schema(_select_head(d, (), "saved config")), OmegaConf.create(d))
     except OmegaConfBaseException as e:
         raise _omega_error(e, "saved config") from None
+    return _to_object(cfg, "saved config")
 
 
 # -- semantic checks ---------------------------------------------------------------------------------------------
@@ -346,28 +437,21 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
 
 def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     """Value checks beyond types (OmegaConf checked those); raises :class:`ConfigError` naming the key."""
-    from chunkpolicy.models.backbone import PRESETS, BackboneConfig
-    from chunkpolicy.models.heads.configs import head_config, head_types
+    from chunkpolicy.models.backbone import PRESETS
+    from chunkpolicy.models.heads.base import head_class
     from chunkpolicy.normalize import MODES
     from chunkpolicy.spaces import LAYOUTS
 
     m, d, t, pt = cfg.model, cfg.data, cfg.train, cfg.posttrain
     _need(m.backbone in PRESETS, "model.backbone", f"unknown preset {m.backbone!r}; presets: {sorted(PRESETS)}")
-    hints = typing.get_type_hints(BackboneConfig)
-    for k, v in (m.backbone_overrides or {}).items():
-        _need(k in hints, f"model.backbone_overrides.{k}", f"unknown backbone field{_close(k, hints)}; fields: {sorted(hints)}")
-        _check_type(f"model.backbone_overrides.{k}", v, hints[k])
-    _need(m.head in head_types(), "model.head", f"unknown head {m.head!r}; heads: {head_types()}")
-    try:
-        head_cfg = head_config(m.head, _plain(m.head_options))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model.head_options: {e}") from None
-    head_hints = typing.get_type_hints(type(head_cfg))
-    for k, v in (m.head_options or {}).items():
-        _check_type(f"model.head_options.{k}", v, head_hints.get(k, Any))
+    _typed_backbone_overrides(m)
+    _need(isinstance(m.head, HeadConfig), "model.head", f"expected a head config, got {m.head!r}")
     for k in ("horizon", "n_obs_steps", "max_prompt_tokens", "unified_dim"):
         _need(getattr(m, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(m, k)}")
     _need(m.action_norm in MODES, "model.action_norm", f"must be one of {MODES}, got {m.action_norm!r}")
+    norms = head_class(m.head.type).capabilities(m.head).action_norms  # asked here, so a bad pair fails before training
+    _need(m.action_norm in norms, "model.action_norm",
+          f"head {m.head.type!r} cannot represent {m.action_norm!r} actions; it accepts {list(norms)}")
     _need(m.state_norm in MODES, "model.state_norm", f"must be one of {MODES}, got {m.state_norm!r}")
     _need(m.layout in LAYOUTS, "model.layout", f"must be one of {LAYOUTS}, got {m.layout!r}")
     _need(0.0 <= m.modality_dropout < 1.0, "model.modality_dropout", f"must be in [0, 1), got {m.modality_dropout}")
@@ -422,19 +506,26 @@ def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
             _check_model_vs_checkpoint(m, ck)  # type: ignore[arg-type]
 
 
-def _check_type(key: str, value: Any, hint: Any) -> None:
-    """Plain-type check of a free-form option (int / float / str / bool, optionally None); others pass."""
-    args = typing.get_args(hint)
-    allowed = [a for a in args if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
-    if value is None:
-        _need(type(None) in args, key, f"must not be null (expected {hint})")
-        return
-    simple = [a for a in allowed if a in (int, float, str, bool)]
-    if len(simple) != len(allowed):
-        return
-    ok = any(isinstance(value, a) and not (a in (int, float) and isinstance(value, bool)) for a in simple) or (
-        float in simple and isinstance(value, int) and not isinstance(value, bool))
-    _need(ok, key, f"expected {' or '.join(a.__name__ for a in simple)}, got {value!r}")
+def _typed_backbone_overrides(m: ModelConfig) -> dict[str, Any]:
+    """``model.backbone_overrides`` checked by OmegaConf against the preset's :class:`BackboneConfig` (names, types,
+    then the dataclass's own value checks); returns the values converted to the fields' types."""
+    from chunkpolicy.models.backbone import PRESETS, BackboneConfig
+
+    over = _plain(m.backbone_overrides or {})
+    if m.backbone not in PRESETS:
+        return over  # validate names model.backbone
+    names = [f.name for f in fields(BackboneConfig)]
+    for k in over:
+        _need(k in names, f"model.backbone_overrides.{k}", f"unknown backbone field{_close(k, names)}; fields: {sorted(names)}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(PRESETS[m.backbone]), over)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"model.backbone_overrides.{_dotted(getattr(e, 'full_key', '') or '')}: {str(e).splitlines()[0]}") from None
+    try:
+        OmegaConf.to_object(node)
+    except ValueError as e:
+        raise ConfigError(f"model.backbone_overrides: {e}") from None
+    return {k: node[k] for k in over}
 
 
 def _close(k: str, names: Any) -> str:
@@ -446,21 +537,33 @@ def _close(k: str, names: Any) -> str:
 POSTTRAIN_MUTABLE = ("modality_dropout",)
 
 
+def _set_and_different(mine: Any, saved: Any, cls: type, prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    """``(key, mine, saved)`` for the fields of dataclass ``cls`` that ``mine`` sets (not the default) to something
+    other than ``saved``'s. A typed head compares its type, then (same type) its options against its own defaults."""
+    for f in fields(cls):
+        if f.name in POSTTRAIN_MUTABLE or (f.name == "type" and issubclass(cls, HeadConfig)):
+            continue
+        a, b = _plain(getattr(mine, f.name)), _plain(getattr(saved, f.name))
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(a, HeadConfig) and a.type == b.type:
+            yield from _set_and_different(a, b, type(a), f"{prefix}{f.name}.")
+        elif isinstance(a, HeadConfig):
+            if a != default:
+                yield f"{prefix}{f.name}.type", a.type, b.type
+        elif a != default and a != b:
+            yield f"{prefix}{f.name}", a, b
+
+
 def _check_model_vs_checkpoint(m: ModelConfig, ckpt: Path) -> None:
     """In post-training the architecture comes from the checkpoint: a model.* value set to something other than its
     default that disagrees with the checkpoint is an error (it would be silently ignored otherwise)."""
-    try:
-        saved = json.loads((ckpt / "config.json").read_text())["policy"]
-    except (OSError, ValueError, KeyError) as e:
+    try:  # as from_pretrained reads it (legacy head spelling included; missing fields take their defaults)
+        saved = PolicyConfig.from_dict(json.loads((ckpt / "config.json").read_text())["policy"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"posttrain.init_from: cannot read {ckpt / 'config.json'} ({e})") from None
-    for f in fields(PolicyConfig):
-        if f.name in POSTTRAIN_MUTABLE:
-            continue
-        mine = _plain(getattr(m, f.name))
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if mine != default and f.name in saved and mine != saved[f.name]:
-            raise ConfigError(f"model.{f.name}: {mine!r} differs from the checkpoint's {saved[f.name]!r} "
-                              f"({ckpt}); post-training takes the model from posttrain.init_from")
+    for key, mine, theirs in _set_and_different(m, saved, PolicyConfig, "model."):
+        raise ConfigError(f"{key}: {mine!r} differs from the checkpoint's {theirs!r} "
+                          f"({ckpt}); post-training takes the model from posttrain.init_from")
     space = ckpt / "space.json"
     if space.is_file():
         sd = json.loads(space.read_text())

@@ -89,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"batch: images {tuple(batch['images'].shape)}, actions {tuple(batch['actions'].shape)}; "
                   f"{pad_steps} padded action steps flagged; {rate:.0f} samples/s with 2 workers")
     console.rule("[bold]4. train a tiny flow-matching policy on the mixture")
+    from chunkpolicy.models.heads.configs import FlowExpertConfig
     from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
 
     torch.manual_seed(0)
     stats = {s.spec.name: s.stats for s in stores}
-    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head="flow_expert", horizon=16), space, stats)
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head=FlowExpertConfig(), horizon=16), space, stats)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     train_loader = torch.utils.data.DataLoader(
         mix, batch_size=16, sampler=MixtureSampler(mix, num_samples=args.train_steps * 16, seed=1), num_workers=2)

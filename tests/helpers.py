@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from chunkpolicy.models.heads.configs import HeadConfig
 from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
 from chunkpolicy.normalize import compute_stats
 from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
@@ -21,7 +22,8 @@ def toy_stats(seed: int = 0) -> dict:
     return {"toy": {"action": compute_stats(rng.normal(size=(200, 3))), "state": compute_stats(rng.normal(size=(200, 2)))}}
 
 
-def toy_policy(head: str = "flow_expert", horizon: int = 6, seed: int = 0, **cfg) -> ChunkPolicy:
+def toy_policy(head: str | HeadConfig = "flow_expert", horizon: int = 6, seed: int = 0, **cfg) -> ChunkPolicy:
+    """A tiny policy over :func:`toy_space`; ``head``: a head name (its defaults) or a typed config (``DiTConfig(depth=1)``)."""
     torch.manual_seed(seed)
     return ChunkPolicy(PolicyConfig(backbone="tiny", head=head, horizon=horizon, **cfg), toy_space(), toy_stats())
 

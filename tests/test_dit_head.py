@@ -1,13 +1,14 @@
 import pytest
 import torch
 
+from chunkpolicy.models.heads.configs import DiTConfig
 from helpers import toy_batch, toy_policy
 from test_policy import mode_fractions, train_two_mode
 
 
 @pytest.mark.parametrize("opts", [{"objective": "diffusion"}, {"objective": "diffusion", "prediction": "sample"}, {"objective": "flow"}])
 def test_padded_dims_and_steps_zero_gradient(opts):
-    policy = toy_policy("dit", head_options=dict(opts, depth=2, hidden=32)).train()
+    policy = toy_policy(DiTConfig(**opts, depth=2, hidden=32)).train()
     with torch.no_grad():  # the output layer starts at zero (adaLN-zero): give it weights so gradients reach the input
         for p in list(policy.head.action_out.parameters()) + list(policy.head.blocks.parameters()):
             p.normal_(0, 0.1)
@@ -28,24 +29,24 @@ def test_padded_dims_and_steps_zero_gradient(opts):
 @pytest.mark.parametrize("sampler", ["ddim", "dpmsolver"])
 @pytest.mark.parametrize("steps", [1, 4, 10])
 def test_samplers_run_with_configurable_steps(sampler, steps):
-    policy = toy_policy("dit", head_options={"sampler": sampler, "depth": 1, "hidden": 32}).eval()
+    policy = toy_policy(DiTConfig(sampler=sampler, depth=1, hidden=32)).eval()
     out = policy.predict_chunk(toy_batch(), num_steps=steps, generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 6, 3) and torch.isfinite(out).all()
 
 
 def test_bad_options():
     with pytest.raises(ValueError, match="objective"):
-        toy_policy("dit", head_options={"objective": "score"})
+        toy_policy(DiTConfig(objective="score"))
     with pytest.raises(ValueError, match="sampler"):
-        toy_policy("dit", head_options={"sampler": "euler"})
+        toy_policy({"type": "dit", "sampler": "euler"})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective, sampler", [("diffusion", "ddim"), ("diffusion", "dpmsolver"), ("flow", "ddim")])
 def test_dit_learns_both_modes(objective, sampler):
     H = 4
-    opts = {"objective": objective, "sampler": sampler, "depth": 2, "hidden": 64, "num_steps": 10}
-    policy, space, loss = train_two_mode("dit", opts, steps=300, H=H)
+    head = DiTConfig(objective=objective, sampler=sampler, depth=2, hidden=64, num_steps=10)
+    policy, space, loss = train_two_mode(head, steps=300, H=H)
     up, down, middle = mode_fractions(policy, space, H)
     print(f"dit {objective}/{sampler} two-mode: +1 {up:.2f}, -1 {down:.2f}, near 0 {middle:.2f}, final loss {loss.item():.3f}")
     assert up >= 0.2 and down >= 0.2 and middle <= 0.1
@@ -53,7 +54,7 @@ def test_dit_learns_both_modes(objective, sampler):
 
 def test_siglip_variant_with_dit():
     """The `siglip` variant: vision tower + light language embedding, no Gemma layers; the DiT cross-attends to it."""
-    policy = toy_policy("dit", backbone_overrides={"variant": "siglip"}, head_options={"depth": 1, "hidden": 32})
+    policy = toy_policy(DiTConfig(depth=1, hidden=32), backbone_overrides={"variant": "siglip"})
     assert policy.backbone.num_layers == 0 and len(policy.backbone.layers) == 0
     with torch.no_grad():  # adaLN-zero starts the head at 0: give it weights so the prefix matters
         for p in list(policy.head.action_out.parameters()) + list(policy.head.blocks.parameters()):

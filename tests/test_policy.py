@@ -6,6 +6,7 @@ import torch
 
 from chunkpolicy.cli import main as cli_main
 from chunkpolicy.models.backbone import Backbone, backbone_config
+from chunkpolicy.models.heads.configs import DiTConfig, HeadConfig
 from chunkpolicy.models.info import model_info
 from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
 from chunkpolicy.normalize import compute_stats
@@ -44,11 +45,15 @@ def test_checkpoint_errors(tmp_path):
     policy.save_pretrained(tmp_path / "ck")
     # config that does not match the weights
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
-    cfg["policy"]["head_options"] = {"width": 48}
+    cfg["policy"]["head"]["width"] = 48
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="weights do not match config.json: .*shape mismatch"):
         ChunkPolicy.from_pretrained(tmp_path / "ck")
-    cfg["policy"]["head_options"] = {}
+    cfg["policy"]["head"]["bogus"] = 1
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: unknown options \['bogus'\] for head 'flow_expert'"):
+        ChunkPolicy.from_pretrained(tmp_path / "ck")
+    cfg["policy"]["head"] = {"type": "flow_expert"}
     cfg["format_version"] = 7
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format_version 7 is not supported"):
@@ -62,6 +67,21 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "ck" / "space.json").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         ChunkPolicy.from_pretrained(tmp_path / "ck")
+
+
+def test_legacy_head_options_checkpoint_loads(tmp_path):
+    """Checkpoints written before typed heads hold ``"head": NAME, "head_options": {...}`` in config.json."""
+    policy = toy_policy(DiTConfig(depth=1, hidden=32)).eval()
+    policy.save_pretrained(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["policy"]["head"]["type"] == "dit"
+    cfg["policy"]["head"] = "dit"
+    cfg["policy"]["head_options"] = {"depth": 1, "hidden": 32}
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    again = ChunkPolicy.from_pretrained(tmp_path / "ck").eval()
+    assert again.config == policy.config and isinstance(again.config.head, DiTConfig)
+    noise = torch.randn(3, 6, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(policy.predict_chunk(toy_batch(), noise=noise), again.predict_chunk(toy_batch(), noise=noise))
 
 
 def test_input_errors_name_the_field():
@@ -94,7 +114,7 @@ def test_input_errors_name_the_field():
     with pytest.raises(ValueError, match="unknown head 'mlp'"):
         ChunkPolicy(PolicyConfig(head="mlp"), toy_space(), toy_stats())
     with pytest.raises(ValueError, match="unknown options"):
-        ChunkPolicy(PolicyConfig(head_options={"depthh": 3}), toy_space(), toy_stats())
+        ChunkPolicy(PolicyConfig(head={"type": "flow_expert", "depthh": 3}), toy_space(), toy_stats())
     with pytest.raises(KeyError, match="no 'action' stats"):
         ChunkPolicy(PolicyConfig(horizon=6), toy_space(), {"toy": {"state": toy_stats()["toy"]["state"]}}).compute_loss(b)
 
@@ -142,6 +162,8 @@ def test_paligemma_3b_flow_expert_parameter_count():
     assert 0.38e9 < info["vision"] < 0.45e9 and 2.4e9 < info["language"] < 2.6e9 and 0.25e9 < info["head_params"] < 0.35e9
     assert cli_main(["model", "info", "--preset", "tiny", "--head", "flow_expert"]) == 0
     assert cli_main(["model", "info", "--preset", "nope", "--head", "flow_expert"]) == 2
+    assert model_info("tiny", {"type": "dit", "depth": 2})["head"] == "dit"
+    assert cli_main(["model", "info", "--preset", "tiny", "--head", "{type: dit, depth: 2}"]) == 0
 
 
 def _two_mode_setup(horizon=4):
@@ -173,11 +195,11 @@ def mode_fractions(policy, space, horizon, n=64):
     return float((chunk > 0.5).float().mean()), float((chunk < -0.5).float().mean()), float((chunk.abs() < 0.3).float().mean())
 
 
-def train_two_mode(head: str, head_options: dict | None = None, steps: int = 250, H: int = 4):
-    """Train a tiny policy on the two-mode task; returns (policy, space, last loss)."""
+def train_two_mode(head: str | HeadConfig, steps: int = 250, H: int = 4):
+    """Train a tiny policy (``head``: a name or a typed head config) on the two-mode task; returns (policy, space, last loss)."""
     spec, space, stats = _two_mode_setup(H)
     torch.manual_seed(0)
-    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head=head, horizon=H, head_options=head_options or {}), space, stats)
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head=head, horizon=H), space, stats)
     opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     policy.train()

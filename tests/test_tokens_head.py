@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 import torch
 
+from chunkpolicy.models.heads.configs import TokensConfig
 from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
 from helpers import toy_batch, toy_policy
 from test_policy import _two_mode_setup, two_mode_batch
 
 
 def test_loss_only_on_action_tokens_and_padding_ignored():
-    policy = toy_policy("tokens", head_options={"tokenizer": "bins"}).train()
+    policy = toy_policy(TokensConfig(tokenizer="bins")).train()
     batch = toy_batch()
     batch["action_is_pad"][0, 3:] = True
     loss = policy.compute_loss(batch)["loss"]
@@ -30,7 +31,7 @@ def policy_batch(policy, batch):
 
 @pytest.mark.parametrize("name", ["bins", "fast"])
 def test_cached_greedy_equals_uncached(name):
-    policy = toy_policy("tokens", head_options={"tokenizer": name}).eval()
+    policy = toy_policy(TokensConfig(tokenizer=name)).eval()
     batch = toy_batch()
     if name == "fast":
         rng = np.random.default_rng(0)
@@ -51,7 +52,7 @@ def test_invalid_decodes_are_counted_not_hidden():
 
 
 def test_fast_tokenizer_saved_with_checkpoint(tmp_path):
-    policy = toy_policy("tokens", head_options={"tokenizer": "fast"})
+    policy = toy_policy(TokensConfig(tokenizer="fast"))
     rng = np.random.default_rng(0)
     policy.head.fit_to_data([rng.uniform(-1, 1, (6, 3)) for _ in range(50)])
     policy.save_pretrained(tmp_path / "ck")
@@ -65,7 +66,7 @@ def test_tokens_head_trains_to_low_loss_and_decodes():
     H = 4
     spec, space, stats = _two_mode_setup(H)
     torch.manual_seed(0)
-    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head="tokens", horizon=H, head_options={"tokenizer": "bins"}), space, stats)
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head=TokensConfig(tokenizer="bins"), horizon=H), space, stats)
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     policy.train()

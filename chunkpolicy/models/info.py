@@ -6,20 +6,22 @@ import torch
 
 from chunkpolicy.models.backbone import Backbone, backbone_config
 from chunkpolicy.models.heads.base import build_head
-from chunkpolicy.models.heads.configs import head_config
+from chunkpolicy.models.heads.configs import HeadConfig, as_head_config
 
 
-def model_info(preset: str, head: str, horizon: int = 50, action_dim: int = 32, head_options: dict | None = None) -> dict:
+def model_info(preset: str, head: str | HeadConfig = "flow_expert", horizon: int = 50, action_dim: int = 32) -> dict:
     """``{"preset", "head", "vision", "projector", "language", "state", "head_params", "total"}`` parameter counts.
 
-    The LM count includes the token embedding once (the LM head is tied to it)."""
+    ``head``: a head name (its defaults) or a typed head config. The LM count includes the token embedding once (the
+    LM head is tied to it)."""
+    head_cfg = as_head_config(head)
     with torch.device("meta"):
         bb = Backbone(backbone_config(preset), state_dim=action_dim)
-        hd = build_head(head, head_config(head, head_options), bb, horizon, action_dim)
+        hd = build_head(head_cfg.type, head_cfg, bb, horizon, action_dim)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     out = {
         "preset": preset,
-        "head": head,
+        "head": head_cfg.type,
         "vision": n(bb.model.vision_tower),
         "projector": n(bb.model.multi_modal_projector),
         "language": n(bb.model.language_model),

@@ -22,7 +22,7 @@ from torch import nn
 from chunkpolicy.atomic import atomic_dir
 from chunkpolicy.models.backbone import Backbone, backbone_config
 from chunkpolicy.models.heads.base import build_head
-from chunkpolicy.models.heads.configs import head_config
+from chunkpolicy.models.heads.configs import FlowExpertConfig, HeadConfig, as_head_config, head_config
 from chunkpolicy.models.tokenizer import build_char_tokenizer, load_tokenizer, tokenize_prompts
 from chunkpolicy.normalize import Normalizer
 from chunkpolicy.spaces import UnifiedSpace
@@ -33,12 +33,16 @@ FILES = ("config.json", "model.safetensors", "normalizer.json", "space.json")
 
 @dataclass
 class PolicyConfig:
-    """Everything needed to rebuild a policy (saved as ``config.json``)."""
+    """Everything needed to rebuild a policy (saved as ``config.json``).
+
+    ``head`` is the head's typed config (:mod:`chunkpolicy.models.heads.configs`), selected by its ``type`` tag. For
+    convenience a head name (``head="dit"``) or a mapping (``head={"type": "dit", "depth": 2}``, what ``asdict``
+    writes) is converted on construction, so every spelling is checked by the same dataclass.
+    """
 
     backbone: str = "tiny"
     backbone_overrides: dict[str, Any] = field(default_factory=dict)
-    head: str = "flow_expert"
-    head_options: dict[str, Any] = field(default_factory=dict)
+    head: HeadConfig = field(default_factory=FlowExpertConfig)
     horizon: int = 50
     n_obs_steps: int = 1
     max_prompt_tokens: int = 48
@@ -48,8 +52,17 @@ class PolicyConfig:
     modality_dropout: float = 0.0  # per-sample probability of dropping each camera / the prompt while training
     delta_actions: bool = False
 
+    def __post_init__(self) -> None:
+        self.head = as_head_config(self.head)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PolicyConfig":
+        """Inverse of ``asdict``; also reads the legacy ``{"head": NAME, "head_options": {...}}`` of older checkpoints."""
+        d = dict(d)
+        if "head_options" in d:
+            if not isinstance(d.get("head"), str):
+                raise ValueError(f"policy config: legacy head_options needs a head name in 'head', got {d.get('head')!r}")
+            d["head"] = head_config(d["head"], d.pop("head_options") or {})
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"policy config: unknown fields {unknown}")
@@ -69,14 +82,14 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         self.config, self.space = config, space
         self.normalizer = Normalizer(space, stats, {"action": config.action_norm, "state": config.state_norm})
         self.backbone = Backbone(backbone_config(config.backbone, **config.backbone_overrides), state_dim=space.dim)
-        self.head = build_head(config.head, head_config(config.head, config.head_options), self.backbone, config.horizon, space.dim)
+        self.head = build_head(config.head.type, config.head, self.backbone, config.horizon, space.dim)
         if tokenizer is None:
             tokenizer = load_tokenizer(config.tokenizer_dir) if config.tokenizer_dir else build_char_tokenizer()
         _check(len(tokenizer) <= self.backbone.vocab_size,
                f"tokenizer has {len(tokenizer)} ids but the backbone vocabulary has {self.backbone.vocab_size}")
         reserved = self.head.reserved_token_base
         _check(reserved is None or len(tokenizer) <= reserved,
-               f"tokenizer ids (< {len(tokenizer)}) overlap the {config.head} head's reserved ids (>= {reserved})")
+               f"tokenizer ids (< {len(tokenizer)}) overlap the {config.head.type} head's reserved ids (>= {reserved})")
         self.tokenizer = tokenizer
         self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.register_buffer("_action_masks", space.mask_table("action"), persistent=False)
@@ -326,7 +339,10 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         cfg = json.loads((path / "config.json").read_text())
         if cfg.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: checkpoint format_version {cfg.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
-        config = PolicyConfig.from_dict(cfg["policy"])
+        try:
+            config = PolicyConfig.from_dict(cfg["policy"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
         space = UnifiedSpace.from_dict(json.loads((path / "space.json").read_text()))
         norm = json.loads((path / "normalizer.json").read_text())
         tok_dir = path / "tokenizer"

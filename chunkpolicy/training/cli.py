@@ -4,7 +4,8 @@
     accelerate launch --num_processes 2 train.py --config configs/small_flow.yaml train.batch_size=16
 
 Overrides are dotted keys (``train.lr=1e-4``, ``data.datasets.0.path=/data/arm.zarr``,
-``'model.head_options={width: 256}'``). Config errors are reported before any work starts, as one line naming the key.
+``model.head=dit model.head.depth=2``: the head is typed by ``model.head.type``, ``model.head=NAME`` for short). Config
+errors are reported before any work starts, as one line naming the key.
 """
 
 from __future__ import annotations

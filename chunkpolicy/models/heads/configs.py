@@ -62,6 +62,20 @@ def head_config(name: str, options: Mapping[str, Any] | None = None) -> "HeadCon
     return cls(type=name, **options)
 
 
+def as_head_config(value: "HeadConfig | str | Mapping[str, Any]") -> "HeadConfig":
+    """A typed head config from the convenience spellings: a config (as is), a head name (``"dit"``: its defaults) or
+    a mapping with a ``type`` tag (``{"type": "dit", "depth": 2}``, what ``asdict`` writes)."""
+    if isinstance(value, HeadConfig):
+        return value
+    if isinstance(value, str):
+        return head_config(value)
+    if isinstance(value, Mapping):
+        if not isinstance(value.get("type"), str):
+            raise ValueError(f"head: a mapping needs a 'type' tag naming the head (one of {head_types()}), got {dict(value)!r}")
+        return head_config(value["type"], value)
+    raise TypeError(f"head: expected a HeadConfig, a head name or a mapping with 'type', got {value!r}")
+
+
 @register_head_config("flow_expert")
 @dataclass
 class FlowExpertConfig(HeadConfig):
