@@ -5,11 +5,16 @@ then :class:`~chunkpolicy.training.trainer.Trainer`.
 Normalization stats are computed exactly from what the training split yields (delta actions included), per
 embodiment, pooled over every dataset of that embodiment. On ``--resume`` the space and stats come from the
 checkpoint, so the resumed run normalizes exactly as before.
+
+A head that must be fitted to data before training (``head.caps.needs_data_fit``, e.g. the FAST tokenizer's BPE) is
+fitted here on normalized training chunks (:func:`head_fit_chunks`) when a run starts fresh; a resumed run takes the
+fitted state from its checkpoint and a post-training run from ``posttrain.init_from``, never refitting it.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +25,7 @@ import torch
 from chunkpolicy.atomic import atomic_file
 from chunkpolicy.config import POSTTRAIN_MUTABLE, ExperimentConfig, ModelConfig, to_dict
 from chunkpolicy.data.collate import collate_windows
-from chunkpolicy.data.mixture import MixtureDataset
+from chunkpolicy.data.mixture import MixtureDataset, MixtureSampler
 from chunkpolicy.data.store import EpisodeStore
 from chunkpolicy.data.windows import ChunkWindowDataset
 from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
@@ -56,6 +61,75 @@ def embodiment_stats(datasets: list[ChunkWindowDataset]) -> dict[str, dict[str, 
                "state": compute_stats(np.concatenate(states[name]), field=f"{name}.state")}
         for name in acts
     }
+
+
+HEAD_FIT_WINDOWS = 4096  # at most this many training windows fit a head's data-dependent state (FAST's BPE)
+
+
+def head_fit_chunks(policy: ChunkPolicy, train_set: MixtureDataset, max_windows: int = HEAD_FIT_WINDOWS,
+                    seed: int = 0) -> tuple[list[np.ndarray], int]:
+    """The chunks :meth:`~chunkpolicy.models.heads.base.ActionHead.fit_to_data` is fitted on, and how many windows
+    they came from.
+
+    Windows: every training window when there are at most ``max_windows``, else a draw of ``max_windows`` weighted
+    like training (:class:`MixtureSampler` with ``seed``): deterministic either way. Each chunk is what training
+    feeds the head: the window's actions as the dataset yields them (delta actions included), normalized by
+    ``policy.normalizer`` in float32, its valid dims (``action_mask``) as ``[H, d]`` float64, padded steps holding
+    the last real action (as the tokens head does before tokenizing)."""
+    n = len(train_set)
+    idx = list(range(n)) if n <= max_windows else list(MixtureSampler(train_set, num_samples=max_windows, seed=seed))
+    chunks: list[np.ndarray] = []
+    for start in range(0, len(idx), 256):
+        items = [train_set[i] for i in idx[start : start + 256]]
+        actions = torch.stack([it["actions"] for it in items]).to(policy.device).float()
+        emb = torch.stack([torch.as_tensor(it["embodiment"]) for it in items]).long()
+        with torch.no_grad():
+            y = policy.normalizer.normalize("action", actions, emb.to(policy.device)).double().cpu().numpy()
+        for it, yi in zip(items, y):
+            chunk = yi[:, it["action_mask"].bool().numpy()]  # a copy: [H, d]
+            real = ~it["action_is_pad"].bool().numpy()
+            chunk[~real] = chunk[int(np.flatnonzero(real)[-1]) if real.any() else 0]  # hold the last real action
+            chunks.append(chunk)
+    return chunks, len(idx)
+
+
+def _describe_fit(policy: ChunkPolicy) -> str:
+    """Best effort, for the log: the fitted tokenizer's vocabulary (learned / requested)."""
+    try:
+        d = policy.head.tokenizer.to_dict()  # type: ignore[union-attr]
+        return f"; {d['name']} tokenizer vocab {len(json.loads(d['bpe_json'])['model']['vocab'])} of {d['vocab_size']}"
+    except Exception:
+        return ""
+
+
+def fit_head(policy: ChunkPolicy, train_set: MixtureDataset, *, resume_ckpt: Path | None = None,
+             init_from: Path | None = None, seed: int = 0, max_windows: int = HEAD_FIT_WINDOWS,
+             log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Give ``policy.head`` its data-fitted state before step 1 (see the module docstring): from ``resume_ckpt``'s
+    ``head/`` files, from ``init_from`` (already in the policy: :func:`~chunkpolicy.training.finetune.rebase` copies
+    it), or fitted now on :func:`head_fit_chunks`. Returns what happened (None for heads that need no fit)."""
+    head, name = policy.head, policy.head.cfg.type
+    if resume_ckpt is not None and (resume_ckpt / "head").is_dir():  # as ChunkPolicy.from_pretrained loads it
+        head.load_state_files({p.name: p.read_text() for p in (resume_ckpt / "head").iterdir()})
+    if not head.caps.needs_data_fit:
+        return None
+    if resume_ckpt is not None or init_from is not None:
+        src = resume_ckpt if resume_ckpt is not None else init_from
+        if not head.is_fitted():
+            raise ValueError(f"{src}: the {name} head needs a data fit, but the checkpoint has no fitted state "
+                             "(head/ files); its weights were not trained with one")
+        log(f"{name} head: fitted state from {src}{_describe_fit(policy)}")
+        return {"source": str(src)}
+    t0 = time.perf_counter()
+    n = min(len(train_set), max_windows)
+    log(f"{name} head: fitting its data-dependent state on {n} of {len(train_set)} training windows ...")
+    chunks, n_windows = head_fit_chunks(policy, train_set, max_windows, seed)
+    head.fit_to_data(chunks)
+    if not head.is_fitted():
+        raise RuntimeError(f"the {name} head is still not fitted after fit_to_data")
+    log(f"{name} head: fitted on {len(chunks)} normalized training chunks in {time.perf_counter() - t0:.1f}s"
+        f"{_describe_fit(policy)}")
+    return {"source": "fitted", "chunks": len(chunks), "windows": n_windows}
 
 
 @dataclass
@@ -133,7 +207,11 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, *, log: Callable[[str],
         policy = ChunkPolicy(mcfg_eff, space, stats)
         if cfg.model.pretrained_backbone:
             policy.backbone.load_pretrained_weights(cfg.model.pretrained_backbone)
+    # before apply_mode: LoRA's export copy must carry the fitted head state too
+    head_fit = fit_head(policy, train_set, resume_ckpt=resume_ckpt, init_from=base_path, seed=seed, log=log)
     policy, export_fn, info = apply_mode(policy, cfg.posttrain, seed)
+    if head_fit is not None:
+        info["head_fit"] = head_fit
     info.update({
         "init_from": str(base_path) if base_path else None, "added_embodiments": added,
         "embodiments": [s.name for s in space.embodiments], "train_windows": len(train_set),

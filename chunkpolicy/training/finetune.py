@@ -67,10 +67,9 @@ def rebase(policy: ChunkPolicy, space: UnifiedSpace, stats: Mapping[str, Any], *
     keep the architecture, e.g. ``modality_dropout``)."""
     config = dataclasses.replace(policy.config, **config_changes) if config_changes else policy.config
     new = ChunkPolicy(config, space, stats, tokenizer=policy.tokenizer)
-    if hasattr(policy.head, "state_files") and hasattr(new.head, "load_state_files"):
-        files = policy.head.state_files()
-        if files:
-            new.head.load_state_files(files)
+    files = policy.head.state_files()  # non-tensor head state, e.g. a fitted FAST BPE (ActionHead interface)
+    if files:
+        new.head.load_state_files(files)
     new.load_state_dict(policy.state_dict())
     return new
 

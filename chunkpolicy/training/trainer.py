@@ -14,6 +14,10 @@ takes its slice of each global batch. The trainer counts the micro-batches it co
 exact position (whatever the DataLoader prefetched) and a resumed run continues with the same batches, the same RNG
 states, optimizer, scheduler and EMA: its losses equal the uninterrupted run's bit for bit (same machine and settings).
 
+Structure: :meth:`Trainer.fit` = :meth:`~Trainer.build_state` (a :class:`TrainState`: model placement, optimizer,
+schedule, EMA, sampler, counters, the resumed checkpoint) → :meth:`~Trainer.train_step` per optimizer step (eager and
+CUDA-graph steps differ only in :meth:`~Trainer._micro_step`) → logging / validation / checkpoint cadence → summary.
+
 Outputs in the run dir: ``config.yaml``, ``metrics.jsonl`` (one JSON record per log/validation event),
 ``checkpoints/step_XXXXXX/`` (see :mod:`chunkpolicy.training.checkpoint`), ``loss.png`` and ``summary.json``.
 """
@@ -26,6 +30,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -44,8 +49,8 @@ from chunkpolicy.training.optim import (
     tensor_lrs,
 )
 
-__all__ = ["Trainer", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device", "unused_parameters",
-           "default_export", "print_summary", "KILL_ENV"]
+__all__ = ["Trainer", "TrainState", "StepOutput", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device",
+           "unused_parameters", "default_export", "print_summary", "KILL_ENV"]
 
 KILL_ENV = "CHUNKPOLICY_TEST_KILL_AFTER_CKPT"  # test hook: SIGKILL this process right after checkpoint <step>
 
@@ -59,6 +64,60 @@ def default_export(model: nn.Module, path: Path) -> None:
 
     path.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+
+
+@dataclass
+class TrainState:
+    """What :meth:`Trainer.build_state` creates before the loop, and the counters the loop advances: with the model's
+    weights and the random streams, everything a checkpoint saves and a resumed run restores."""
+
+    device: torch.device
+    graphed: bool  # train.cuda_graph: each step replays one CUDA graph
+    wrapper: nn.Module  # what an eager step calls: accelerate's (DDP, autocast) wrapper of LossModule(model)
+    optimizer: Any
+    scheduler: Any
+    ema: EMA | None
+    sampler: MixtureSampler
+    val_loader: Any  # fixed validation batches (None without a validation set)
+    graph: Any = None  # the GraphedTrainStep, captured on the first batch (it needs the batch shapes)
+    trainable: list[nn.Parameter] = field(default_factory=list)
+    n_trainable: int = 0
+    n_params: int = 0
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # sampler epoch
+    position: int = 0  # micro-batches of this process consumed in the epoch
+    samples_seen: int = 0
+    elapsed_before: float = 0.0  # training time of the earlier sessions of the run
+    resumed_from: Path | None = None
+
+
+@dataclass
+class StepOutput:
+    """What :meth:`Trainer.train_step` returns; tensors stay on the device (reading them is a host sync)."""
+
+    losses: list[torch.Tensor]  # the detached loss of each micro-batch
+    grad_norm: torch.Tensor | None  # pre-clipping gradient norm; None when the step computed none (eager, no clipping)
+    lr: float  # the learning rate the step used (from the schedule, not read from the device)
+
+
+@dataclass
+class _Session:
+    """Bookkeeping of one :meth:`Trainer.fit` call: timing, the loss summed on the device since the last ``train``
+    record, the latest results."""
+
+    start_step: int
+    t_start: float
+    t_log: float  # start of the current logging interval (moved forward by validation and checkpoint time)
+    step_log: int
+    loss_sum: torch.Tensor
+    grad_norm: torch.Tensor
+    pbar: Any
+    n_loss: int = 0
+    lr: float = float("nan")
+    last_train: float = float("nan")
+    last_val: float | None = None
+    last_ckpt: Path | None = None
+    overhead: float = 0.0  # seconds in validation and checkpoints
 
 
 def _fmt_time(s: float) -> str:
@@ -131,15 +190,15 @@ class Trainer:
     def _train_batches(self) -> Iterator[dict[str, Any]]:
         """Micro-batches forever; each pass over the loader is one sampler epoch, started at the recorded position
         (the batch sampler reads the sampler's epoch/position when the pass begins)."""
-        micro = self.cfg.batch_size * self.world
-        loader = self._loader(self.train_set, ShardedBatchSampler(self.sampler, self.cfg.batch_size, self.world, self.rank),
+        st, micro = self.state, self.cfg.batch_size * self.world
+        loader = self._loader(self.train_set, ShardedBatchSampler(st.sampler, self.cfg.batch_size, self.world, self.rank),
                               persistent=True)
         while True:
-            self.sampler.set_epoch(self.epoch, self.position * micro)
+            st.sampler.set_epoch(st.epoch, st.position * micro)
             for batch in loader:
-                self.position += 1
+                st.position += 1
                 yield batch
-            self.epoch, self.position = self.epoch + 1, 0
+            st.epoch, st.position = st.epoch + 1, 0
 
     def _val_loader(self):
         if self.val_set is None or len(self.val_set) == 0:  # type: ignore[arg-type]
@@ -153,7 +212,64 @@ class Trainer:
     def _trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _load(self, ckpt: Path) -> None:
+    def build_state(self) -> TrainState:
+        """Everything the loop needs, built in a fixed order (the order is part of exact resume: the seeds are set
+        after everything that draws from the RNGs at build time, the checkpoint is loaded last): the model on the
+        device (DDP's unused-parameter probe, ``train.compile``), optimizer, schedule, accelerate's wrapping, EMA, the
+        data sampler, validation batches, seeds, then on ``--resume`` the latest checkpoint's state."""
+        from accelerate.utils import set_seed
+
+        cfg, acc = self.cfg, self.acc
+        dev = acc.device
+        self.model.to(dev)
+        self.model.train()
+        if self.world > 1 and getattr(cfg, "find_unused_parameters", None) is None and acc.ddp_handler is not None:
+            unused = self.unused_parameters()
+            acc.ddp_handler.find_unused_parameters = bool(unused)
+            if unused and self.is_main:
+                print(f"DDP: {len(unused)} trainable parameters get no gradient from this loss (e.g. {unused[:3]}); "
+                      "find_unused_parameters=True")
+        graphed = bool(getattr(cfg, "cuda_graph", False))
+        if graphed:
+            self._check_cuda_graph(dev)
+        if getattr(cfg, "compile", False):
+            if not hasattr(self.model, "compile_layers"):
+                raise ValueError(f"train.compile: {type(self.model).__name__} has no compile_layers()")
+            self.model.compile_layers()
+        optimizer = build_optimizer(self.model, cfg.lr, tuple(cfg.betas), cfg.eps, cfg.weight_decay, capturable=graphed)
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.final_lr)
+        if graphed:  # the graph replaces accelerate's backward/step; one process, so there is nothing to wrap
+            wrapper: nn.Module = self.model
+        else:
+            wrapper, optimizer = acc.prepare(LossModule(self.model), optimizer)
+        ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        micro = cfg.batch_size * self.world
+        n_samples = max(1, len(self.train_set) // micro) * micro  # type: ignore[arg-type]
+        sampler = MixtureSampler(self.train_set, num_samples=n_samples, seed=cfg.seed)
+        st = TrainState(device=dev, graphed=graphed, wrapper=wrapper, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                        sampler=sampler, val_loader=self._val_loader())
+        set_seed(cfg.seed, device_specific=True)  # training noise differs per process, data order does not
+        ckpt = self.manager.latest() if self.resume else None
+        if ckpt is not None:
+            self._load(st, ckpt)
+            st.resumed_from = ckpt
+        if graphed:  # after loading: a checkpoint's learning rates come back as numbers
+            tensor_lrs(st.optimizer, dev)
+        self._truncate_metrics(st.step)  # drop records past the checkpoint (or of a run that never saved one)
+        if ckpt is not None and self.is_main:
+            print(f"resumed from {ckpt} (step {st.step}, epoch {st.epoch}, batch {st.position} of the epoch)")
+        elif ckpt is None and self.resume and self.is_main:
+            print(f"--resume: no checkpoint in {self.manager.dir}; starting from step 0")
+        st.trainable = list(self._trainable().values())
+        st.n_trainable = sum(p.numel() for p in st.trainable)
+        st.n_params = sum(p.numel() for p in self.model.parameters())
+        if self.is_main:
+            print(f"training {st.n_trainable:,} of {st.n_params:,} parameters on {self.world} × {dev.type} "
+                  f"(mixed precision: {cfg.mixed_precision}); global batch {self.global_batch} "
+                  f"= {cfg.batch_size} × {self.world} processes × {cfg.grad_accum} accumulation")
+        return st
+
+    def _load(self, st: TrainState, ckpt: Path) -> None:
         state, trainable, opt_t, opt_meta, ema = read_training_state(ckpt)
         if state.world_size != self.world:
             raise ValueError(f"{ckpt}: saved with {state.world_size} processes, resuming with {self.world}; "
@@ -168,50 +284,50 @@ class Trainer:
                 if p.shape != trainable[n].shape:
                     raise ValueError(f"{ckpt}: {n} has shape {tuple(trainable[n].shape)}, model has {tuple(p.shape)}")
                 p.copy_(trainable[n])
-        self.optimizer.load_state_dict(optimizer_state_from_tensors(opt_t, opt_meta))
-        self.scheduler.load_state_dict(state.scheduler)
+        st.optimizer.load_state_dict(optimizer_state_from_tensors(opt_t, opt_meta))
+        st.scheduler.load_state_dict(state.scheduler)
         # the lr of the next step comes from this run's schedule (identical unless train.steps/lr/warmup changed)
-        for g, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            set_lr(g, base * fn(self.scheduler.last_epoch))
-        if self.ema is not None:
+        for g, base, fn in zip(st.optimizer.param_groups, st.scheduler.base_lrs, st.scheduler.lr_lambdas):
+            set_lr(g, base * fn(st.scheduler.last_epoch))
+        if st.ema is not None:
             if ema is None:
                 raise ValueError(f"{ckpt}: has no EMA state but train.ema_decay={self.cfg.ema_decay}")
-            self.ema.load_state_dict(ema, state.ema_updates)
-        self.step, self.epoch, self.position = state.step, state.epoch, state.position
-        self.samples_seen, self.elapsed_before = state.samples_seen, state.elapsed_s
+            st.ema.load_state_dict(ema, state.ema_updates)
+        st.step, st.epoch, st.position = state.step, state.epoch, state.position
+        st.samples_seen, st.elapsed_before = state.samples_seen, state.elapsed_s
         load_rng(ckpt / STATE_DIR, self.rank)
 
     def save_checkpoint(self) -> Path:
-        acc = self.acc
+        acc, st = self.acc, self.state
         acc.wait_for_everyone()
-        tmp = self.manager.dir / f".step_{self.step:06d}.tmp"
+        tmp = self.manager.dir / f".step_{st.step:06d}.tmp"
         if self.is_main:
-            tmp = self.manager.temp_dir(self.step)
-            with self.ema.apply_to(self.model) if self.ema is not None else nullcontext():
+            tmp = self.manager.temp_dir(st.step)
+            with st.ema.apply_to(self.model) if st.ema is not None else nullcontext():
                 self.export_fn(self.model, tmp)
-            opt_t, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
+            opt_t, opt_meta = optimizer_state_to_tensors(st.optimizer.state_dict())
             state = TrainingState(
-                step=self.step, epoch=self.epoch, position=self.position, samples_seen=self.samples_seen,
-                world_size=self.world, scheduler=plain_numbers(self.scheduler.state_dict()),
-                ema_updates=self.ema.num_updates if self.ema is not None else 0,
-                elapsed_s=self.elapsed_before + (time.perf_counter() - self.t_start),
-                extra={"sampler": self.sampler.state_dict(self.epoch, self.position * self.cfg.batch_size * self.world)},
+                step=st.step, epoch=st.epoch, position=st.position, samples_seen=st.samples_seen,
+                world_size=self.world, scheduler=plain_numbers(st.scheduler.state_dict()),
+                ema_updates=st.ema.num_updates if st.ema is not None else 0,
+                elapsed_s=st.elapsed_before + (time.perf_counter() - self.session.t_start),
+                extra={"sampler": st.sampler.state_dict(st.epoch, st.position * self.cfg.batch_size * self.world)},
             )
             write_training_state(tmp / STATE_DIR, state, {n: p for n, p in self._trainable().items()}, opt_t, opt_meta,
-                                 self.ema.state_dict() if self.ema is not None else None)
+                                 st.ema.state_dict() if st.ema is not None else None)
         acc.wait_for_everyone()
         save_rng(tmp / STATE_DIR, self.rank)
         acc.wait_for_everyone()
-        final = self.manager.dir / f"step_{self.step:06d}"
+        final = self.manager.dir / f"step_{st.step:06d}"
         if self.is_main:
-            self.manager.commit(self.step, tmp)
+            self.manager.commit(st.step, tmp)
             self._plot()
         acc.wait_for_everyone()
-        if os.environ.get(KILL_ENV) == str(self.step):
+        if os.environ.get(KILL_ENV) == str(st.step):
             os.kill(os.getpid(), signal.SIGKILL)
         return final
 
-    # -- CUDA-graphed steps ---------------------------------------------------------------------------------------
+    # -- one optimizer step ---------------------------------------------------------------------------------------
     def _check_cuda_graph(self, dev: torch.device) -> None:
         cfg = self.cfg
         if dev.type != "cuda":
@@ -223,15 +339,48 @@ class Trainer:
         if not (hasattr(self.model, "prepare_train_inputs") and hasattr(self.model, "loss_from_inputs")):
             raise ValueError(f"train.cuda_graph: {type(self.model).__name__} has no prepare_train_inputs/loss_from_inputs")
 
-    def _graphed_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step replayed from a CUDA graph (captured on the first call); returns (loss, grad norm)."""
-        if self.graphed_step is None:
-            from chunkpolicy.training.graphed_step import GraphedTrainStep
+    def _micro_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of one micro-batch, and clipping + the optimizer step when the accumulation window
+        closes; returns the detached loss and the gradient norm when this call computed one. The one place where
+        eager and CUDA-graph steps differ: a graphed step replays forward, backward, clipping and AdamW from a graph
+        captured on the first call (one micro-batch per step, checked)."""
+        st, acc, cfg = self.state, self.acc, self.cfg
+        if st.graphed:
+            if st.graph is None:
+                from chunkpolicy.training.graphed_step import GraphedTrainStep
 
-            self.graphed_step = GraphedTrainStep(self.model, self.optimizer, batch, max_grad_norm=self.cfg.grad_clip or None,
-                                                 autocast=self.cfg.mixed_precision == "bf16")
-        out = self.graphed_step(batch)
-        return out["loss"], out["grad_norm"]
+                st.graph = GraphedTrainStep(self.model, st.optimizer, batch, max_grad_norm=cfg.grad_clip or None,
+                                            autocast=cfg.mixed_precision == "bf16")
+            out = st.graph(batch)
+            return out["loss"], out["grad_norm"]
+        gnorm = None
+        with acc.accumulate(st.wrapper):
+            loss = st.wrapper(batch)["loss"]
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.grad_clip > 0:
+                gnorm = acc.clip_grad_norm_(st.trainable, cfg.grad_clip)
+            st.optimizer.step()  # accelerate's wrapper steps only when the accumulation window closes
+            st.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), gnorm
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> StepOutput:
+        """One optimizer step on the next ``grad_accum`` micro-batches of ``batches`` (eager and graphed alike, see
+        :meth:`_micro_step`), then the schedule, EMA and counters. No host syncs: losses and the norm stay on the
+        device."""
+        st = self.state
+        losses, gnorm = [], None
+        for _ in range(self.cfg.grad_accum):  # 1 in graph mode
+            loss, g = self._micro_step(to_device(next(batches), st.device))
+            losses.append(loss)
+            gnorm = gnorm if g is None else g
+        # the step's lr from the schedule itself: reading a graphed step's lr tensor would sync with the device
+        lr = st.scheduler.base_lrs[0] * st.scheduler.lr_lambdas[0](st.scheduler.last_epoch)
+        st.scheduler.step()
+        if st.ema is not None:
+            st.ema.update(self.model)
+        st.step += 1
+        st.samples_seen += self.global_batch
+        return StepOutput(losses, gnorm, lr)
 
     def unused_parameters(self) -> list[str]:
         """See :func:`unused_parameters`; probed on the first two training samples."""
@@ -267,7 +416,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean validation loss over the fixed held-out batches, EMA weights, fixed noise seed."""
-        if self.val_loader is None:
+        st = self.state
+        if st.val_loader is None:
             return None
         m, dev = self.model, self.acc.device
         was = m.training
@@ -275,9 +425,9 @@ class Trainer:
         total = torch.zeros((), device=dev, dtype=torch.float64)
         count = torch.zeros((), device=dev, dtype=torch.float64)
         fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-        with self.ema.apply_to(m) if self.ema is not None else nullcontext(), torch.random.fork_rng(devices=fork_devices):
+        with st.ema.apply_to(m) if st.ema is not None else nullcontext(), torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(self.cfg.seed + 7919 + self.rank)
-            for batch in self.val_loader:
+            for batch in st.val_loader:
                 with self.acc.autocast():
                     loss = m.compute_loss(to_device(batch, dev))["loss"].double()
                 n = len(batch["prompt"]) if "prompt" in batch else next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
@@ -287,150 +437,113 @@ class Trainer:
         total, count = self.acc.reduce(total, "sum"), self.acc.reduce(count, "sum")
         return float(total / count)
 
+    # -- cadence: logging, validation, checkpoints ----------------------------------------------------------------
+    def _due(self, every: int) -> bool:
+        return self.state.step % every == 0 or self.state.step == self.cfg.steps
+
+    def _log_train(self) -> None:
+        """A ``train`` record: mean loss since the last record (averaged over processes: the one host sync of the
+        interval), lr and gradient norm of the last step, samples/s (validation and checkpoint time excluded)."""
+        st, s = self.state, self.session
+        s.last_train = float(self.acc.reduce(s.loss_sum / max(s.n_loss, 1), "mean"))
+        if not math.isfinite(s.last_train):
+            raise FloatingPointError(f"step {st.step}: training loss is {s.last_train}")
+        now = time.perf_counter()
+        rate = (st.step - s.step_log) * self.global_batch / max(now - s.t_log, 1e-9)
+        self._record({"kind": "train", "step": st.step, "loss": s.last_train, "lr": s.lr,
+                      "grad_norm": float(s.grad_norm), "samples_per_s": rate, "samples": st.samples_seen,
+                      "epoch": st.epoch, "time_s": st.elapsed_before + now - s.t_start})
+        s.pbar.set_postfix(loss=f"{s.last_train:.4f}", lr=f"{s.lr:.2e}", sps=f"{rate:.1f}", refresh=False)
+        s.loss_sum.zero_()
+        s.n_loss, s.t_log, s.step_log = 0, now, st.step
+
+    def _timed(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, its time counted as overhead (not against samples/s)."""
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+        self.session.t_log += dt
+        self.session.overhead += dt
+        return out
+
+    def _validate(self) -> None:
+        s = self.session
+        s.last_val = self._timed(self.evaluate)
+        if s.last_val is not None:
+            self._record({"kind": "val", "step": self.state.step, "val_loss": s.last_val,
+                          "ema": self.state.ema is not None})
+            if self.is_main and self.cfg.progress:
+                s.pbar.write(f"step {self.state.step}: val loss {s.last_val:.4f}")
+
+    def _checkpoint(self) -> None:
+        self.session.last_ckpt = self._timed(self.save_checkpoint)
+
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
-        cfg, acc = self.cfg, self.acc
+        cfg = self.cfg
+        self._prepare_run_dir()
+        st = self.state = self.build_state()
+        batches = self._train_batches()
+        dev, now = st.device, time.perf_counter()
+        self.session = s = _Session(
+            start_step=st.step, t_start=now, t_log=now, step_log=st.step, loss_sum=torch.zeros((), device=dev),
+            grad_norm=torch.zeros((), device=dev),
+            pbar=tqdm(total=cfg.steps, initial=st.step, disable=not (self.is_main and cfg.progress), unit="step",
+                      dynamic_ncols=True, desc="train"),
+        )
+        if st.step >= cfg.steps and self.is_main:
+            print(f"nothing to do: the run is already at step {st.step} of train.steps={cfg.steps}")
+        while st.step < cfg.steps:
+            out = self.train_step(batches)
+            for loss in out.losses:
+                s.loss_sum += loss.float()
+            s.n_loss += len(out.losses)
+            if out.grad_norm is not None:
+                s.grad_norm = out.grad_norm
+            s.lr = out.lr
+            s.pbar.update(1)
+            if self._due(cfg.log_every):
+                self._log_train()
+            if self._due(cfg.val_every):
+                self._validate()
+            stopping = self.stop_after is not None and st.step >= self.stop_after
+            if self._due(cfg.ckpt_every) or stopping:
+                self._checkpoint()
+            if stopping:
+                break
+        s.pbar.close()
+        return self._finish()
+
+    def _prepare_run_dir(self) -> None:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.manager.cleanup_temp()
             if self.config_dict is not None:
                 self._write_config()
-        acc.wait_for_everyone()
-        dev = acc.device
-        self.model.to(dev)
-        self.model.train()
-        if self.world > 1 and getattr(cfg, "find_unused_parameters", None) is None and acc.ddp_handler is not None:
-            unused = self.unused_parameters()
-            acc.ddp_handler.find_unused_parameters = bool(unused)
-            if unused and self.is_main:
-                print(f"DDP: {len(unused)} trainable parameters get no gradient from this loss (e.g. {unused[:3]}); "
-                      "find_unused_parameters=True")
-        graphed = bool(getattr(cfg, "cuda_graph", False))
-        if graphed:
-            self._check_cuda_graph(dev)
-        if getattr(cfg, "compile", False):
-            if not hasattr(self.model, "compile_layers"):
-                raise ValueError(f"train.compile: {type(self.model).__name__} has no compile_layers()")
-            self.model.compile_layers()
-        self.optimizer = build_optimizer(self.model, cfg.lr, tuple(cfg.betas), cfg.eps, cfg.weight_decay, capturable=graphed)
-        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.final_lr)
-        self.graphed_step = None  # built on the first batch (it needs the batch shapes)
-        if graphed:  # the graph replaces accelerate's backward/step; one process, so there is nothing to wrap
-            self.wrapper = self.model
-        else:
-            self.wrapper, self.optimizer = acc.prepare(LossModule(self.model), self.optimizer)
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        micro = cfg.batch_size * self.world
-        n_samples = max(1, len(self.train_set) // micro) * micro  # type: ignore[arg-type]
-        self.sampler = MixtureSampler(self.train_set, num_samples=n_samples, seed=cfg.seed)
-        self.val_loader = self._val_loader()
-        self.step = self.epoch = self.position = self.samples_seen = 0
-        self.elapsed_before = 0.0
-        set_seed(cfg.seed, device_specific=True)  # training noise differs per process, data order does not
-        ckpt = self.manager.latest() if self.resume else None
-        if ckpt is not None:
-            self._load(ckpt)
-        if graphed:  # after loading: a checkpoint's learning rates come back as numbers
-            tensor_lrs(self.optimizer, dev)
-        self._truncate_metrics(self.step)  # drop records past the checkpoint (or of a run that never saved one)
-        if ckpt is not None and self.is_main:
-            print(f"resumed from {ckpt} (step {self.step}, epoch {self.epoch}, batch {self.position} of the epoch)")
-        elif ckpt is None and self.resume and self.is_main:
-            print(f"--resume: no checkpoint in {self.manager.dir}; starting from step 0")
-        trainable = list(self._trainable().values())
-        n_train = sum(p.numel() for p in trainable)
-        n_all = sum(p.numel() for p in self.model.parameters())
-        if self.is_main:
-            print(f"training {n_train:,} of {n_all:,} parameters on {self.world} × {dev.type} "
-                  f"(mixed precision: {cfg.mixed_precision}); global batch {self.global_batch} "
-                  f"= {cfg.batch_size} × {self.world} processes × {cfg.grad_accum} accumulation")
-        batches = self._train_batches()
-        start_step, self.t_start = self.step, time.perf_counter()
-        t_log, step_log = self.t_start, self.step
-        loss_sum = torch.zeros((), device=dev)
-        gnorm = torch.zeros((), device=dev)
-        n_loss, last_train, last_val, last_ckpt, overhead = 0, float("nan"), None, None, 0.0
-        pbar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.is_main and cfg.progress), unit="step",
-                    dynamic_ncols=True, desc="train")
-        if self.step >= cfg.steps and self.is_main:
-            print(f"nothing to do: the run is already at step {self.step} of train.steps={cfg.steps}")
-        while self.step < cfg.steps:
-            if graphed:
-                loss, gnorm = self._graphed_step(to_device(next(batches), dev))
-                loss_sum += loss.float()
-                n_loss += 1
-            else:
-                for _ in range(cfg.grad_accum):
-                    batch = to_device(next(batches), dev)
-                    with acc.accumulate(self.wrapper):
-                        loss = self.wrapper(batch)["loss"]
-                        acc.backward(loss)
-                        if acc.sync_gradients and cfg.grad_clip > 0:
-                            gnorm = acc.clip_grad_norm_(trainable, cfg.grad_clip)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    loss_sum += loss.detach().float()
-                    n_loss += 1
-            # the step's lr from the schedule itself: reading a graphed step's lr tensor would sync with the device
-            lr_used = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            self.step += 1
-            self.samples_seen += self.global_batch
-            pbar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                mean = acc.reduce(loss_sum / max(n_loss, 1), "mean")
-                last_train = float(mean)
-                if not math.isfinite(last_train):
-                    raise FloatingPointError(f"step {self.step}: training loss is {last_train}")
-                now = time.perf_counter()
-                rate = (self.step - step_log) * self.global_batch / max(now - t_log, 1e-9)
-                rec = {"kind": "train", "step": self.step, "loss": last_train, "lr": lr_used,
-                       "grad_norm": float(gnorm), "samples_per_s": rate, "samples": self.samples_seen, "epoch": self.epoch,
-                       "time_s": self.elapsed_before + now - self.t_start}
-                self._record(rec)
-                pbar.set_postfix(loss=f"{last_train:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rate:.1f}", refresh=False)
-                loss_sum.zero_()
-                n_loss, t_log, step_log = 0, now, self.step
-            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                t_val = time.perf_counter()
-                last_val = self.evaluate()
-                t_log += time.perf_counter() - t_val  # validation time does not count against samples/s
-                overhead += time.perf_counter() - t_val
-                if last_val is not None:
-                    self._record({"kind": "val", "step": self.step, "val_loss": last_val, "ema": self.ema is not None})
-                    if self.is_main and cfg.progress:
-                        pbar.write(f"step {self.step}: val loss {last_val:.4f}")
-            stopping = self.stop_after is not None and self.step >= self.stop_after
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopping:
-                t_ck = time.perf_counter()
-                last_ckpt = self.save_checkpoint()
-                t_log += time.perf_counter() - t_ck
-                overhead += time.perf_counter() - t_ck
-            if stopping:
-                break
-        pbar.close()
-        wall = time.perf_counter() - self.t_start
+        self.acc.wait_for_everyone()
+
+    def _finish(self) -> dict[str, Any]:
+        """``summary.json``, the final loss plot and the printed summary."""
+        st, s = self.state, self.session
+        wall = time.perf_counter() - s.t_start
         summary = {
-            "run_dir": str(self.run_dir), "steps": self.step, "steps_this_session": self.step - start_step,
-            "time_s": wall, "total_time_s": self.elapsed_before + wall, "final_train_loss": last_train,
-            "final_val_loss": last_val,
-            "samples_per_s": (self.step - start_step) * self.global_batch / max(wall - overhead, 1e-9),
-            "val_ckpt_time_s": overhead,
-            "global_batch": self.global_batch, "processes": self.world, "device": dev.type,
-            "trainable_params": n_train, "params": n_all,
-            "checkpoint": str(last_ckpt or self.manager.latest() or ""), "loss_png": str(self.run_dir / "loss.png"),
+            "run_dir": str(self.run_dir), "steps": st.step, "steps_this_session": st.step - s.start_step,
+            "time_s": wall, "total_time_s": st.elapsed_before + wall, "final_train_loss": s.last_train,
+            "final_val_loss": s.last_val,
+            "samples_per_s": (st.step - s.start_step) * self.global_batch / max(wall - s.overhead, 1e-9),
+            "val_ckpt_time_s": s.overhead,
+            "global_batch": self.global_batch, "processes": self.world, "device": st.device.type,
+            "trainable_params": st.n_trainable, "params": st.n_params,
+            "checkpoint": str(s.last_ckpt or self.manager.latest() or ""), "loss_png": str(self.run_dir / "loss.png"),
         }
         if self.is_main:
             self._plot()
             with atomic_file(self.run_dir / "summary.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
             print_summary(summary)
-        acc.wait_for_everyone()
+        self.acc.wait_for_everyone()
         return summary
 
     def _write_config(self) -> None:
