@@ -57,7 +57,8 @@ def observation(n_cam: int, B: int, device: str, size: int = 224) -> dict:
         "images": torch.rand(B, n_cam, 1, 3, size, size, generator=g).to(device),
         "image_mask": torch.ones(B, n_cam, dtype=torch.bool, device=device),
         "state": torch.cat([torch.randn(B, 1, STATE_DIM, generator=g), torch.zeros(B, 1, 32 - STATE_DIM)], -1).to(device),
-        "prompt": ["pick up the red block and put it in the bowl on the left side of the table"] * B,
+        # cut to fit PROMPT_TOKENS with the character tokenizer (a longer prompt is an error, no longer truncated)
+        "prompt": ["pick up the red block and put it in the bowl on the left side of the table"[: PROMPT_TOKENS - 1]] * B,
         "embodiment": torch.zeros(B, dtype=torch.long, device=device),
     }
 

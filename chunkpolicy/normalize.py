@@ -11,13 +11,19 @@ Modes (``[-1, 1]`` targets for the bounded ones):
 * ``quantile``: ``(x - (q99 + q01)/2) / ((q99 - q01)/2)`` (not clipped: values outside [q01, q99] exceed ±1)
 * ``identity``: no change (must be asked for; never a fallback)
 
-Degenerate dims (``std`` or the range below ``eps``, e.g. a constant joint) carry no information: they normalize to
-exactly 0 and unnormalize to their constant (mean / centre). Dims outside the embodiment's mask are exactly 0 both ways.
-A missing embodiment, key or stat is an error, never a pass-through.
+Degenerate dims. A dim is *constant* when ``max - min <= eps`` (e.g. a fixed joint): it carries no information, normalizes
+to exactly 0 and unnormalizes to its constant (mean / centre of the mode). A dim whose mode spread is below ``eps`` but
+that is *not* constant (``quantile``: ``q01 == q99`` while ``min < max``, e.g. a gripper closed in 0.5% of the frames;
+``mean_std``: ``std`` below ``eps`` with ``min < max``, which only happens numerically) is never erased: it falls back to
+``min_max`` scaling (centre ``(max + min)/2``, half-range ``(max - min)/2``, so its values stay in [-1, 1] and round-trip
+exactly) and the :class:`Normalizer` warns once per embodiment and key, naming the dims. Telling the two cases apart
+needs ``min``/``max``: a mode-degenerate dim without them is an error. Dims outside the embodiment's mask are exactly 0
+both ways. A missing embodiment, key or stat is an error, never a pass-through.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -77,7 +83,7 @@ class Normalizer(nn.Module):
         space: the unified space; every embodiment that will be normalized needs stats.
         stats: ``{embodiment name: {key: {stat: [n]}}}`` in robot dims (``n`` = that embodiment's dims of ``key``).
         modes: ``{key: mode}``, e.g. ``{"action": "quantile", "state": "mean_std"}``.
-        eps: spread below which a dim is degenerate.
+        eps: a dim with ``max - min <= eps`` is constant; a mode spread ``<= eps`` otherwise falls back to min/max.
 
     Keys map to spec kinds: ``"action"``/``"actions"`` use action dims, ``"state"`` state dims.
     """
@@ -134,6 +140,8 @@ class Normalizer(nn.Module):
             else:
                 o, sc = np.zeros(n), np.ones(n)
             ok = sc > self.eps
+            if mode != "identity" and not ok.all():
+                o, sc, ok = self._fallback(spec, key, kind, mode, ks, o, sc, ok)
             offset[e, idx], scale[e, idx] = o, np.where(ok, sc, 1.0)
             live[e, idx], valid[e, idx], has[e] = ok, True, True
         to = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt)  # noqa: E731
@@ -143,6 +151,30 @@ class Normalizer(nn.Module):
         self.register_buffer(f"_{key}_valid", to(valid, torch.bool), persistent=False)
         self.register_buffer(f"_{key}_has", to(has, torch.bool), persistent=False)
         self._has_host[key] = [bool(h) for h in has]  # host copy for the id checks (no device round trip)
+
+    def _fallback(self, spec, key: str, kind: str, mode: str, ks: KeyStats, o, sc, ok):
+        """Dims whose mode spread is ``<= eps``: constant ones (``max - min <= eps``) stay degenerate; the others are
+        scaled by min/max (with one warning naming them) instead of being erased."""
+        bad = ~ok
+        missing = [s for s in ("min", "max") if s not in ks]
+        if missing:
+            names = [spec.names(kind)[i] for i in np.flatnonzero(bad)]
+            raise KeyError(f"stats[{spec.name!r}][{key!r}] has no {missing[0]!r}: needed to tell whether dims {names} "
+                           f"(spread <= eps under mode {mode!r}) are constant or only rarely change")
+        for s in ("min", "max"):
+            if ks[s].shape != sc.shape or not np.isfinite(ks[s]).all():
+                raise ValueError(f"stats[{spec.name!r}][{key!r}][{s!r}]: expected {sc.shape[0]} finite values, got {ks[s]}")
+        rng = ks["max"] - ks["min"]
+        fb = bad & (rng > self.eps)
+        if fb.any():
+            names = [spec.names(kind)[i] for i in np.flatnonzero(fb)]
+            spread = "q01 == q99" if mode == "quantile" else ("std <= eps" if mode == "mean_std" else "half-range <= eps")
+            warnings.warn(
+                f"normalizer: embodiment {spec.name!r}, key {key!r}, mode {mode!r}: dims {names} have {spread} but "
+                f"min < max (rare values, e.g. a gripper that seldom closes); they use min/max scaling instead of being "
+                f"normalized to a constant", UserWarning, stacklevel=4)
+            o, sc = np.where(fb, (ks["max"] + ks["min"]) / 2, o), np.where(fb, rng / 2, sc)
+        return o, sc, ok | fb
 
     def _params(self, key: str, embodiment: torch.Tensor, ndim: int, check: bool = True):
         if key not in self.modes:

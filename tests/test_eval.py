@@ -30,7 +30,7 @@ def _mw_policy(tmp_path, n_obs_steps: int = 1, horizon: int = 4):
     stats = {spec.name: {"action": compute_stats(rng.uniform(-1, 1, (100, 4))),
                          "state": compute_stats(rng.uniform(0, 1, (100, 4)))}}
     torch.manual_seed(0)
-    policy = ChunkPolicy(PolicyConfig(backbone="tiny", horizon=horizon, n_obs_steps=n_obs_steps, max_prompt_tokens=32),
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", horizon=horizon, n_obs_steps=n_obs_steps),
                          UnifiedSpace(32, "pad", embodiments=[spec]), stats)
     return policy, policy.save_pretrained(tmp_path / f"ckpt_t{n_obs_steps}")
 

@@ -89,3 +89,54 @@ def test_to_from_dict():
     again = Normalizer.from_dict(space, norm.to_dict())
     x = space.pad(torch.tensor(state[:4], dtype=torch.float32), "a", "state")
     assert torch.equal(again.normalize("state", x, torch.zeros(4, dtype=torch.long)), norm.normalize("state", x, torch.zeros(4, dtype=torch.long)))
+
+
+def _rare_gripper_data(n=2000, seed=0):
+    """A gripper closed (+1) in 0.5% of the frames: q01 == q99 == -1 but min < max; plus a truly constant dim."""
+    rng = np.random.default_rng(seed)
+    grip = np.full(n, -1.0)
+    grip[rng.choice(n, n // 200, replace=False)] = 1.0
+    return np.stack([rng.normal(0.0, 1.0, n), np.full(n, 7.5), grip], axis=1)
+
+
+def test_quantile_rare_gripper_falls_back_to_min_max():
+    spec = EmbodimentSpec("arm", ("x", "fixed", "gripper"), ("s0",))
+    space = UnifiedSpace(32, "pad", embodiments=[spec])
+    act = _rare_gripper_data()
+    s = compute_stats(act)
+    assert s["q01"][2] == s["q99"][2] == -1.0 and s["max"][2] == 1.0  # the case the review found
+    with pytest.warns(UserWarning, match=r"embodiment 'arm', key 'action'.*\['gripper'\]") as rec:
+        norm = Normalizer(space, {"arm": {"action": s}}, {"action": "quantile"})
+    assert len([w for w in rec if "normalizer" in str(w.message)]) == 1  # said once, constant dim not named
+    assert "fixed" not in str(rec[0].message)
+    x = space.pad(torch.tensor(act, dtype=torch.float32), "arm", "action")[None]
+    emb = torch.zeros(1, dtype=torch.long)
+    y = norm.normalize("action", x, emb)
+    grip, fixed = (int(space.indices("arm", "action")[i]) for i in (2, 1))
+    # closed / open map to +1 / -1 (centre 0, half-range 1), not to 0
+    assert set(y[0, :, grip].unique().tolist()) == {-1.0, 1.0}
+    assert torch.all(y[..., fixed] == 0)  # truly constant: today's behaviour
+    back = norm.unnormalize("action", y, emb)
+    assert torch.equal(back[..., grip], x[..., grip])  # exact round trip of the fallback dim
+    torch.testing.assert_close(back, x, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_std_tiny_std_not_erased_and_missing_min_max_refused():
+    spec = EmbodimentSpec("arm", ("x", "fixed", "tiny"), ("s0",))
+    space = UnifiedSpace(32, "pad", embodiments=[spec])
+    act = _rare_gripper_data()
+    act[:, 2] = np.where(act[:, 2] > 0, 1e-3, 0.0)  # std ~7e-5 < eps=1e-4 but max - min = 1e-3 > eps
+    s = compute_stats(act)
+    assert s["std"][2] < 1e-4 < s["max"][2] - s["min"][2]
+    with pytest.warns(UserWarning, match=r"mode 'mean_std'.*\['tiny'\]"):
+        norm = Normalizer(space, {"arm": {"action": s}}, {"action": "mean_std"}, eps=1e-4)
+    x = space.pad(torch.tensor(act, dtype=torch.float64), "arm", "action")[None]
+    emb = torch.zeros(1, dtype=torch.long)
+    y = norm.normalize("action", x, emb)
+    tiny = int(space.indices("arm", "action")[2])
+    assert y[..., tiny].abs().max() > 0.99
+    torch.testing.assert_close(norm.unnormalize("action", y, emb)[..., tiny], x[..., tiny])
+    # without min/max a degenerate dim cannot be told apart from a rare-valued one: an error, not a guess
+    no_range = {k: v for k, v in s.items() if k not in ("min", "max")}
+    with pytest.raises(KeyError, match=r"has no 'min'.*\['fixed', 'tiny'\]"):
+        Normalizer(space, {"arm": {"action": no_range}}, {"action": "mean_std"}, eps=1e-4)

@@ -6,6 +6,8 @@
 Writes into ``--out``: ``results.json`` (per-task success with 95% Wilson intervals and the mean, every episode, the
 command), ``results.md`` (the table), ``success.png`` (bar chart) and ``videos/<method>_<task>_<k>.mp4``.
 ``--baseline`` also evaluates a do-nothing policy on the same seeds, so the table shows what the policy adds.
+A checkpoint whose head may fail to produce a chunk (``tokens``: an invalid token decode) runs the do-nothing chunk
+instead for that chunk; the report gives the invalid-decode rate per task and overall (also when it is 0).
 Executors: ``open_loop:K`` (run K actions, re-plan), ``temporal_ensemble:M`` (ACT, w_i = exp(-M·i), i = 0 the
 oldest prediction), ``rtc:S,D`` (real-time chunking, flow heads).
 """
@@ -77,7 +79,7 @@ def run_eval(
     embodiment is not one the policy was trained on."""
     import torch
 
-    from chunkpolicy.evaluation.report import bar_chart, markdown_table, summarize, write_json_atomic
+    from chunkpolicy.evaluation.report import bar_chart, invalid_counts, markdown_table, summarize, write_json_atomic
     from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_embodiment, evaluate
     from chunkpolicy.evaluation.video import write_mp4
     from chunkpolicy.runtime.executors import make_executor
@@ -98,6 +100,7 @@ def run_eval(
 
     methods: list[Method] = []
     horizon = 50
+    may_fail: dict[str, bool] = {}  # method → its head can fail to produce a chunk (invalid decodes are reported)
     if checkpoint is not None:
         from chunkpolicy.models.policy import ChunkPolicy
 
@@ -108,6 +111,10 @@ def run_eval(
         horizon = policy.config.horizon
         if ex_spec.startswith("rtc") and not hasattr(policy.head, "velocity"):
             raise ValueError(f"executor: rtc needs a flow head; this checkpoint's head is {policy.config.head!r}")
+        may_fail["policy"] = bool(policy.head.caps.may_fail)
+        from chunkpolicy.models.tokenizer import check_prompts  # a too-long task prompt: an error before any rollout
+        from chunkpolicy.sim.base import env_task_prompt
+        check_prompts(policy.tokenizer, [env_task_prompt(env, t) for t in tasks], policy.config.max_prompt_tokens)
         del policy
         methods.append(Method("policy", str(checkpoint), horizon, num_steps, ex_spec.startswith("rtc"), dev))
     if baseline:
@@ -129,7 +136,9 @@ def run_eval(
                     p = write_mp4(frames, out / "videos" / f"{name}_{task}_{k}.mp4", fps=min(spec.control_hz, 30.0))
                     video_paths.append(str(p))
 
-    summary = summarize(per_method)
+    invalid = {name: invalid_counts(recs) for name, recs in records.items()
+               if may_fail.get(name) or any(r["invalid_chunks"] for r in recs)}
+    summary = summarize(per_method, invalid)
     table = markdown_table(summary)
     plot = bar_chart(summary, out / "success.png",
                      title=f"{env}: success rate, 95% Wilson CI ({episodes} episodes/task, {ex_spec})")
@@ -153,6 +162,11 @@ def format_results(results: dict[str, Any]) -> str:
     if "policy" in s and "do-nothing" in s:
         d = s["policy"]["mean"]["rate"] - s["do-nothing"]["mean"]["rate"]
         lines.append(f"policy − do-nothing: {100 * d:+.0f} points (mean success)")
+    for name, m in s.items():
+        if "invalid_chunks" in m["mean"]:
+            rate = m["mean"]["invalid_rate"]
+            lines.append(f"{name}: invalid decodes {m['mean']['invalid_chunks']}/{m['mean']['chunks']} chunks"
+                         + (f" ({100 * rate:.1f}%)" if rate is not None else "") + ", each replaced by a do-nothing chunk")
     times = ", ".join(f"{k} {v:.0f}s" for k, v in results["rollout_s"].items())  # summed over workers
     out = Path(results["plot"]).parent
     lines.append(f"rollout time: {times}. Saved {out}/results.json, results.md, success.png and {len(results['videos'])} videos.")

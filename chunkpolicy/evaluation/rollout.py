@@ -6,6 +6,12 @@ The pieces, each usable on its own:
   names and cameras; otherwise a ``ValueError`` that says what differs.
 * :func:`policy_predict_fn` — ``predict_fn(list of B env obs, **executor_kwargs) -> [B, H, A]`` (robot units) for the
   executors of :mod:`chunkpolicy.runtime`; keeps the observation history when the policy uses ``T_obs > 1``.
+  **Invalid chunks.** A head that may fail (``policy.head.caps.may_fail``, e.g. ``tokens``: an invalid token decode)
+  returns NaN on the valid dims of a sample it could not produce and flags it in ``policy.head.last_valid``. Such a
+  sample gets the env's do-nothing chunk instead (the robot keeps still for that chunk: absolute dims hold the current
+  state, relative dims are 0), and it is counted: episode records carry ``chunks`` (policy chunks requested while the
+  episode ran) and ``invalid_chunks``, and the report gives the invalid-decode rate per task and overall. A NaN from a
+  head that cannot fail is not replaced: the executor raises on it (a bug, never hidden).
 * :func:`do_nothing_predict_fn` — the baseline: zero motion for relative action dims, hold the current state for
   absolute dims that have a same-named state dim.
 * :func:`run_batch` — one lockstep batch of episodes of one task (the unit of work, in this or a worker process).
@@ -68,16 +74,21 @@ def _history_batch(history: Sequence[list[Obs]], policy: Any, spec: EmbodimentSp
 
 
 def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, num_steps: int | None = None,
-                      seed: int = 0, rtc: bool = False) -> tuple[Callable[..., torch.Tensor], Callable[[int, list[Obs]], None]]:
+                      seed: int = 0, rtc: bool = False, on_chunk: Callable[[np.ndarray], None] | None = None,
+                      ) -> tuple[Callable[..., torch.Tensor], Callable[[int, list[Obs]], None]]:
     """``(predict_fn, on_step)`` for :meth:`EnvPool.rollout`.
 
     ``on_step`` records every tick's observations (needed for ``T_obs > 1``: the policy sees the last ``T_obs`` ticks,
     the first one repeated at the episode start). ``predict_fn(obs, prefix=None, prefix_len=0)`` returns
-    ``[B, H, A]`` in robot units; ``prefix``/``prefix_len`` are used by the ``rtc`` executor (flow heads only)."""
+    ``[B, H, A]`` in robot units; ``prefix``/``prefix_len`` are used by the ``rtc`` executor (flow heads only).
+    When the head may fail, a sample it could not produce (NaN, or ``head.last_valid`` False) gets the do-nothing
+    chunk of its env (see the module docstring); ``on_chunk(invalid)`` then receives the ``[B]`` bool mask of the
+    replaced samples after every prediction."""
     T = int(policy.config.n_obs_steps)
     history: deque[list[Obs]] = deque(maxlen=T)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     guided = _rtc.rtc_predict_fn(policy, num_steps=num_steps, generator=gen) if rtc else None
+    may_fail = bool(policy.head.caps.may_fail)
 
     def on_step(t: int, obs: list[Obs]) -> None:
         if t == 0:
@@ -92,10 +103,33 @@ def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, 
             on_step(0, obs)
         batch = _history_batch(list(history), policy, spec, prompts)
         if guided is not None:
-            return guided(batch, prefix=prefix, prefix_len=prefix_len)
-        return policy.predict_chunk(batch, spec.name, num_steps=num_steps, generator=gen)
+            chunk = guided(batch, prefix=prefix, prefix_len=prefix_len)
+        else:
+            chunk = policy.predict_chunk(batch, spec.name, num_steps=num_steps, generator=gen)
+        if not may_fail:
+            return chunk  # a NaN here is a bug: the executor raises on it
+        return _replace_invalid(chunk, policy.head.last_valid, obs, spec, on_chunk)
 
     return predict, on_step
+
+
+def _replace_invalid(chunk: torch.Tensor, last_valid: torch.Tensor | None, obs: list[Obs], spec: EmbodimentSpec,
+                     on_chunk: Callable[[np.ndarray], None] | None) -> torch.Tensor:
+    """``chunk [B, H, A]`` with every sample that has NaN (or ``last_valid`` False) replaced by its env's do-nothing
+    chunk; ``on_chunk`` gets the ``[B]`` mask of the replaced samples."""
+    bad = torch.isnan(chunk).flatten(1).any(1).cpu().numpy()
+    if last_valid is not None:
+        lv = torch.as_tensor(last_valid).reshape(-1).cpu().numpy().astype(bool)
+        if lv.shape != bad.shape:
+            raise ValueError(f"head.last_valid: expected [{bad.shape[0]}] flags, got shape {tuple(lv.shape)}")
+        bad |= ~lv
+    if bad.any():
+        still = do_nothing_predict_fn(spec, chunk.shape[1])([obs[i] for i in np.flatnonzero(bad)])
+        chunk = chunk.clone()
+        chunk[torch.as_tensor(bad, device=chunk.device)] = torch.as_tensor(still, dtype=chunk.dtype, device=chunk.device)
+    if on_chunk is not None:
+        on_chunk(bad)
+    return chunk
 
 
 def do_nothing_predict_fn(spec: EmbodimentSpec, horizon: int) -> Callable[..., np.ndarray]:
@@ -162,12 +196,21 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
     first ``n_video`` envs. The policy's noise generator is seeded with ``seeds[0]``, so a batch gives the same result
     wherever (and in whichever worker) it runs."""
     pool = EnvPool(_envs(env_name, task, len(seeds), env_kwargs))
+    chunks, invalid = np.zeros(len(seeds), np.int64), np.zeros(len(seeds), np.int64)  # per env, while it runs
+
+    def on_chunk(bad: np.ndarray) -> None:
+        invalid[:] += bad & ~pool.dones
+
     if method.checkpoint is None:
-        predict_fn, hook = do_nothing_predict_fn(pool.spec, method.horizon), None
+        policy_fn, hook = do_nothing_predict_fn(pool.spec, method.horizon), None
     else:
         policy = _load_policy(method.checkpoint, method.device)
-        predict_fn, hook = policy_predict_fn(policy, pool.spec, pool.prompts, num_steps=method.num_steps,
-                                             seed=int(seeds[0]), rtc=method.rtc)
+        policy_fn, hook = policy_predict_fn(policy, pool.spec, pool.prompts, num_steps=method.num_steps,
+                                            seed=int(seeds[0]), rtc=method.rtc, on_chunk=on_chunk)
+
+    def predict_fn(obs: list[Obs], **kw: Any) -> Any:
+        chunks[:] += ~pool.dones  # an env that is done no longer asks for chunks
+        return policy_fn(obs, **kw)
     frames: list[list[np.ndarray]] = [[] for _ in range(min(n_video, len(seeds)))]
     cams = pool.spec.cameras
 
@@ -180,8 +223,8 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
 
     ex = make_executor(executor)
     records = pool.rollout(predict_fn, ex, seeds, on_step=on_step)
-    for r in records:
-        r["predictions"] = ex.num_predictions
+    for r, c, n in zip(records, chunks, invalid):
+        r.update(predictions=ex.num_predictions, chunks=int(c), invalid_chunks=int(n))
     return records, frames
 
 
@@ -218,7 +261,9 @@ def evaluate(
     Episodes ``seed + k`` (k = 0 .. episodes-1) run in lockstep batches of ``num_envs``; ``workers > 0`` spreads the
     batches of all methods over one pool of that many spawned processes (one torch thread each). Results do not depend
     on ``workers``. Returns ``{method name: {"episodes": [...], "videos": {task: [frames]}, "wall_s"}}`` with episode
-    records ``task, seed, success, steps, return, predictions``; ``wall_s`` is the sum of the method's batch times.
+    records ``task, seed, success, steps, return, predictions, chunks, invalid_chunks`` (``chunks``: the chunks
+    requested while that episode ran; ``invalid_chunks``: those the head could not produce, replaced by do-nothing
+    chunks); ``wall_s`` is the sum of the method's batch times.
     """
     import multiprocessing as mp
 

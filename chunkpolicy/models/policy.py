@@ -45,7 +45,7 @@ class PolicyConfig:
     head: HeadConfig = field(default_factory=FlowExpertConfig)
     horizon: int = 50
     n_obs_steps: int = 1
-    max_prompt_tokens: int = 48
+    max_prompt_tokens: int = 72
     tokenizer_dir: str | None = None  # None: the built-in character tokenizer
     action_norm: str = "quantile"
     state_norm: str = "mean_std"

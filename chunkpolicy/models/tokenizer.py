@@ -4,6 +4,11 @@ Never touches the hub: :func:`load_tokenizer` takes a local directory (``AutoTok
 PaliGemma tokenizer the user downloaded). :func:`build_char_tokenizer` makes a deterministic character tokenizer with
 the ``tokenizers`` library for tests, the quickstart and small models trained from scratch; it is saved with the
 checkpoint like any other tokenizer.
+
+Special tokens follow the tokenizer's own convention (its post-processor / ``add_bos_token``): a Gemma / PaliGemma
+tokenizer puts ``<bos>`` first, as π0 does; the character tokenizer adds nothing. A prompt longer than
+``max_prompt_tokens`` (special tokens included) is an error, never cut: truncation made different tasks identical
+(``stick-push`` / ``stick-pull`` at 32 tokens). :func:`check_prompts` runs the same check up front.
 """
 
 from __future__ import annotations
@@ -37,10 +42,37 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """π0-style ``prompt + "\\n"``, right-padded/truncated to ``max_length`` → ``input_ids [B, L]``, ``attention_mask [B, L]``."""
+def _encode(tokenizer, prompts, max_length: int) -> dict[str, list[list[int]]]:
+    """π0-style ``prompt + "\\n"`` with the tokenizer's own special tokens, right-padded to ``max_length`` (lists);
+    a prompt longer than ``max_length`` tokens raises, naming it."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt: expected a list of strings, got {type(prompts).__name__}")
-    enc = tokenizer([p.strip() + "\n" for p in prompts], padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt", add_special_tokens=False)
-    return enc["input_ids"].to(device), enc["attention_mask"].bool().to(device)
+    prompts = list(prompts)
+    enc = tokenizer([p.strip() + "\n" for p in prompts], padding="max_length", padding_side="right", truncation=False,
+                    max_length=max_length, add_special_tokens=True)
+    long = [(len(x), p) for x, p in zip(enc["input_ids"], prompts) if len(x) > max_length]
+    if long:
+        n, p = max(long)
+        raise ValueError(f"prompt {p!r} is {n} tokens (special tokens included), over the limit of {max_length} "
+                         f"({len(long)} of {len(prompts)} prompts too long): raise model.max_prompt_tokens to {n}")
+    return enc
+
+
+def check_prompts(tokenizer, prompts, max_length: int) -> int:
+    """Raise (naming the prompt, its token count and the limit) if any prompt would not fit in ``max_length`` tokens,
+    as :func:`tokenize_prompts` would; return the longest prompt's token count (special tokens included). Call it
+    before training or evaluation so a run fails before its first step."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts: expected a list of strings, got one str")
+    prompts = list(dict.fromkeys(prompts))  # unique, order kept
+    if not prompts:
+        return 0
+    return max(sum(m) for m in _encode(tokenizer, prompts, max_length)["attention_mask"])
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """π0-style ``prompt + "\\n"`` with the tokenizer's special tokens (BOS first for Gemma), right-padded to
+    ``max_length`` → ``input_ids [B, L]``, ``attention_mask [B, L]``. A prompt longer than ``max_length`` raises."""
+    enc = _encode(tokenizer, prompts, max_length)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    return ids.to(device), torch.tensor(enc["attention_mask"], dtype=torch.bool).to(device)

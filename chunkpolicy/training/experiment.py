@@ -207,6 +207,8 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, *, log: Callable[[str],
         policy = ChunkPolicy(mcfg_eff, space, stats)
         if cfg.model.pretrained_backbone:
             policy.backbone.load_pretrained_weights(cfg.model.pretrained_backbone)
+    from chunkpolicy.models.tokenizer import check_prompts  # every task prompt fits (an error before step 1, never cut)
+    check_prompts(policy.tokenizer, [t for s in stores for t in s.tasks], policy.config.max_prompt_tokens)
     # before apply_mode: LoRA's export copy must carry the fitted head state too
     head_fit = fit_head(policy, train_set, resume_ckpt=resume_ckpt, init_from=base_path, seed=seed, log=log)
     policy, export_fn, info = apply_mode(policy, cfg.posttrain, seed)
