@@ -86,21 +86,21 @@ def flops_per_sample(args, preset: str) -> float:
     formula rejects grouped-query shapes, so keys/values are expanded to every head while counting (same FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    import chunkpolicy.models.backbone as bb
+    import chunkpolicy.models.attention as attention
 
     def sdpa(q, k, v, enable_gqa=False, **kw):
         if enable_gqa:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         return sdpa0(q, k, v, **kw)
 
-    sdpa0 = bb.F.scaled_dot_product_attention
+    sdpa0 = attention.F.scaled_dot_product_attention
     policy = L.make_policy(preset, "flow_expert", {}, args.device, torch.bfloat16).train()
-    bb.F.scaled_dot_product_attention = sdpa  # F is torch.nn.functional: restored below
+    attention.F.scaled_dot_product_attention = sdpa  # F is torch.nn.functional: restored below
     try:
         with FlopCounterMode(display=False) as fc:
             policy.compute_loss(train_batch(policy, 1, args.device))["loss"].backward()
     finally:
-        bb.F.scaled_dot_product_attention = sdpa0
+        attention.F.scaled_dot_product_attention = sdpa0
     del policy
     return float(fc.get_total_flops())
 

@@ -54,7 +54,7 @@ def run_synthetic(args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from chunkpolicy.models.backbone import backbone_config
+    from chunkpolicy.models.backbone_config import backbone_config
     from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
     from chunkpolicy.normalize import compute_stats
     from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace

@@ -437,7 +437,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
 
 def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     """Value checks beyond types (OmegaConf checked those); raises :class:`ConfigError` naming the key."""
-    from chunkpolicy.models.backbone import PRESETS
+    from chunkpolicy.models.backbone_config import PRESETS
     from chunkpolicy.models.heads.base import head_class
     from chunkpolicy.normalize import MODES
     from chunkpolicy.spaces import LAYOUTS
@@ -509,7 +509,7 @@ def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
 def _typed_backbone_overrides(m: ModelConfig) -> dict[str, Any]:
     """``model.backbone_overrides`` checked by OmegaConf against the preset's :class:`BackboneConfig` (names, types,
     then the dataclass's own value checks); returns the values converted to the fields' types."""
-    from chunkpolicy.models.backbone import PRESETS, BackboneConfig
+    from chunkpolicy.models.backbone_config import PRESETS, BackboneConfig
 
     over = _plain(m.backbone_overrides or {})
     if m.backbone not in PRESETS:

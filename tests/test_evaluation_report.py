@@ -3,7 +3,7 @@ import json
 import pytest
 
 from chunkpolicy.evaluation.report import bar_chart, markdown_table, summarize, write_json_atomic
-from chunkpolicy.evaluation.stats import wilson_interval
+from chunkpolicy.success_rate import wilson_interval
 
 
 @pytest.mark.parametrize("s, n, lo, hi", [(8, 10, 0.4902, 0.9433), (0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0), (50, 100, 0.4038, 0.5962)])

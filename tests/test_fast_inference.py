@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from chunkpolicy.models.backbone import FusedLayer, attend, attend_few, finish, mask_bias, qkv
+from chunkpolicy.models.attention import attend, attend_few, finish, qkv
+from chunkpolicy.models.fused import FusedLayer
+from chunkpolicy.models.masks import mask_bias
 from chunkpolicy.runtime.rtc import guided_sample, rtc_infer, rtc_target
 from helpers import toy_batch, toy_policy
 

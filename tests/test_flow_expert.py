@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from chunkpolicy.models.backbone import Backbone, backbone_config
+from chunkpolicy.models.backbone import Backbone
+from chunkpolicy.models.backbone_config import backbone_config
 from chunkpolicy.models.heads.base import build_head
 from chunkpolicy.models.heads.configs import head_config
 from helpers import toy_batch, toy_policy

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from chunkpolicy.cli import main as cli_main
-from chunkpolicy.models.backbone import Backbone, backbone_config
+from chunkpolicy.models.backbone import Backbone
+from chunkpolicy.models.backbone_config import backbone_config
 from chunkpolicy.models.heads.configs import DiTConfig, HeadConfig
 from chunkpolicy.models.info import model_info
 from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
@@ -144,7 +145,7 @@ def test_transformers_paligemma_checkpoint_loads_with_identical_activations(tmp_
     # LM hidden states: PaliGemma's Gemma attends bidirectionally over a prefix, as our prefix block does
     ids = torch.randint(0, 100, (2, 7))
     hf_hidden = hf.model.language_model(input_ids=ids).last_hidden_state
-    from chunkpolicy.models.backbone import Prefix
+    from chunkpolicy.models.prefix import Prefix
 
     x = ours.embed_tokens(ids)
     pos = torch.arange(7)[None].repeat(2, 1)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from chunkpolicy.evaluation.stats import wilson_interval
+from chunkpolicy.success_rate import wilson_interval
 
 
 @pytest.mark.parametrize(

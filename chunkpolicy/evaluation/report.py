@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from chunkpolicy.atomic import atomic_file
-from chunkpolicy.evaluation.stats import wilson_interval
+from chunkpolicy.success_rate import wilson_interval
 
 
 def _invalid(bad: int, chunks: int) -> dict:

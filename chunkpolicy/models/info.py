@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from chunkpolicy.models.backbone import Backbone, backbone_config
+from chunkpolicy.models.backbone import Backbone
+from chunkpolicy.models.backbone_config import backbone_config
 from chunkpolicy.models.heads.base import build_head
 from chunkpolicy.models.heads.configs import HeadConfig, as_head_config
 

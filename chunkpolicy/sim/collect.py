@@ -29,6 +29,7 @@ from chunkpolicy.sim.base import (
     env_task_prompt,
     make_env,
 )
+from chunkpolicy.success_rate import wilson_interval
 
 __all__ = ["collect", "run_expert_episode", "format_summary", "main"]
 
@@ -238,8 +239,6 @@ def collect(
 
 def _summarize(env_name: str, out: Path, per_task: dict[str, dict[str, Any]], written: int, frames: int,
                skipped: int, errors: list[str], interrupted: bool, wall: float, store_len: int) -> dict[str, Any]:
-    from chunkpolicy.evaluation.stats import wilson_interval
-
     tasks = {}
     for t, v in per_task.items():
         n, s = v["attempts"], v["successes"]

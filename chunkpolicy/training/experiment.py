@@ -160,7 +160,7 @@ def _windows(cfg: ExperimentConfig, mcfg: PolicyConfig, space: UnifiedSpace, sto
 
 def prepare(cfg: ExperimentConfig, resume: bool = False, *, log: Callable[[str], None] = print) -> Prepared:
     """Everything the trainer needs (see the module docstring)."""
-    from chunkpolicy.models.backbone import backbone_config
+    from chunkpolicy.models.backbone_config import backbone_config
     from chunkpolicy.training.finetune import apply_mode, extend_space, load_base, merge_stats, rebase
 
     seed = cfg.train.seed

@@ -1,6 +1,6 @@
 """The one interface every action head implements, what a head declares it can do, and the open head registry.
 
-A head turns an encoded prefix (:class:`~chunkpolicy.models.backbone.PrefixOutput`) into a chunk of H normalized
+A head turns an encoded prefix (:class:`~chunkpolicy.models.prefix.PrefixOutput`) into a chunk of H normalized
 unified actions ``[B, H, D]``:
 
 * ``loss(backbone, prefix_out, batch, *, generator=None) -> {"loss": scalar, ...metrics}``; ``batch`` holds normalized

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from chunkpolicy.models import flow
-from chunkpolicy.models.backbone import Backbone, PrefixOutput, sinusoidal_embedding
+from chunkpolicy.models.backbone import Backbone
+from chunkpolicy.models.embeddings import sinusoidal_embedding
+from chunkpolicy.models.prefix import PrefixOutput
 from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
 from chunkpolicy.models.heads.configs import DiTConfig
 from chunkpolicy.models.losses import masked_mean

@@ -34,8 +34,12 @@ from transformers import GemmaConfig
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaRMSNorm
 
 from chunkpolicy.models import flow
-from chunkpolicy.models.backbone import (Backbone, FusedLayer, Prefix, PrefixOutput, attend, attend_few, blockwise_mask, finish,
-                                         mask_bias, qkv, sinusoidal_embedding)
+from chunkpolicy.models.attention import attend, attend_few, finish, qkv
+from chunkpolicy.models.backbone import Backbone
+from chunkpolicy.models.embeddings import sinusoidal_embedding
+from chunkpolicy.models.fused import FusedLayer
+from chunkpolicy.models.masks import blockwise_mask, mask_bias
+from chunkpolicy.models.prefix import Prefix, PrefixOutput
 from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
 from chunkpolicy.models.heads.configs import FlowExpertConfig
 from chunkpolicy.models.losses import masked_mean

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from chunkpolicy.models.action_tokenizers import FASTTokenizer, make_action_tokenizer, tokenizer_from_dict
-from chunkpolicy.models.backbone import Backbone, PrefixOutput, attend, finish, qkv
+from chunkpolicy.models.attention import attend, finish, qkv
+from chunkpolicy.models.backbone import Backbone
+from chunkpolicy.models.prefix import PrefixOutput
 from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
 from chunkpolicy.models.heads.configs import TokensConfig
 
