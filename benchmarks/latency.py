@@ -117,7 +117,6 @@ def profile_table(fn, device: str, path: str, rows: int = 40) -> None:
 # -- chunkpolicy latency -------------------------------------------------------------------------------------------
 def flow_latency(args, rows, results) -> None:
     from chunkpolicy.runtime.graphs import CudaGraphPolicy
-    from chunkpolicy.runtime.rtc import CudaGraphRTC, rtc_infer, rtc_target
 
     dev, dtype = args.device, args.dtype
     policy = make_policy(args.preset, FlowExpertConfig(), dev, dtype).eval()
@@ -156,40 +155,43 @@ def flow_latency(args, rows, results) -> None:
                 results.setdefault("errors", []).append(f"flow_expert {mode} {n_cam} cams: {type(e).__name__}: {e}")
                 traceback.print_exc()
         if n_cam == 1 and args.rtc:
-            rtc_latency(args, policy, obs, rows, results, base, rtc_infer, rtc_target, CudaGraphRTC)
+            rtc_latency(args, policy, obs, rows, results, base)
     del policy
 
 
-def rtc_latency(args, policy, obs, rows, results, base, rtc_infer, rtc_target, CudaGraphRTC) -> None:
+def rtc_latency(args, policy, obs, rows, results, base) -> None:
     """Guided (RTC) chunk: s = 25 executed steps, d = 5 frozen, against the previous chunk's remaining 25 actions."""
+    from chunkpolicy.runtime.graphs import CudaGraphPolicy
+    from chunkpolicy.runtime.rtc import RTCGuidance, rtc_target
+
     dev = args.device
     try:
         reset_peak(dev)
         inp = policy.prepare_inputs(obs)
         with torch.no_grad():
             prev = policy.predict_chunk(obs, num_steps=STEPS).float()[:, 25:]
-        target, w = rtc_target(policy, prev.cpu().numpy(), inp["embodiment"], 25, 5)
-        emb = inp["embodiment"]
+        target, w = rtc_target(policy, prev.cpu().numpy(), inp, 25, 5)
 
         def frozen_error(chunk):  # mean |chunk - previous chunk| over the 5 frozen steps, normalized units, valid dims
-            return round(float((policy.normalizer.normalize("action", chunk.float(), emb) - target)[:, :5, :ACT_DIM].abs().mean()), 4)
+            return round(float((policy.preprocess_actions(chunk.float(), inp) - target)[:, :5, :ACT_DIM].abs().mean()), 4)
 
         noise = torch.randn(target.shape, device=dev, dtype=args.dtype)
         with torch.no_grad():
-            r = timeit(lambda: rtc_infer(policy, inp, noise, target, w, STEPS), max(3, args.calls // 2), 2, dev)
+            r = timeit(lambda: policy.infer(inp, noise, STEPS, guidance=RTCGuidance(target, w)), max(3, args.calls // 2), 2, dev)
         record(rows, {**base, "cameras": 1, "mode": "rtc eager", **r, "peak_gb": peak_gb(dev)})
         if dev.startswith("cuda"):
             with torch.no_grad():
-                ref = rtc_infer(policy, inp, noise, target, w, STEPS)
+                ref = policy.infer(inp, noise, STEPS, guidance=RTCGuidance(target, w))
             with torch.no_grad():
                 free = policy.predict_unified(obs, noise=noise, num_steps=STEPS)
             for mode, comp in [("rtc cuda_graph", False)] + ([("rtc compile+cuda_graph", True)] if "compile" in args.modes else []):
                 t0 = time.perf_counter()
-                graphed = CudaGraphRTC(policy, obs, num_steps=STEPS, compile=comp)
+                hook = RTCGuidance(target.clone(), w.clone())
+                graphed = CudaGraphPolicy(policy, obs, num_steps=STEPS, compile=comp, guidance=hook)
                 build_s = time.perf_counter() - t0
-                out = graphed(obs, target, w, noise)
+                out = graphed(obs, noise=noise)
                 diff = float((out.float() - ref.float()).abs().max())
-                r = timeit(lambda: graphed(obs, target, w, noise), args.calls * 2, 5, dev)
+                r = timeit(lambda: (hook.set(target, w), graphed(obs, noise=noise)), args.calls * 2, 5, dev)
                 record(rows, {**base, "cameras": 1, "mode": mode, **r, "peak_gb": peak_gb(dev), "max_abs_diff_vs_eager": diff,
                               "build_s": round(build_s, 1), "frozen_steps_error_guided": frozen_error(out),
                               "frozen_steps_error_unguided": frozen_error(free)})

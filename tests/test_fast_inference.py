@@ -8,7 +8,7 @@ from torch import nn
 from chunkpolicy.models.attention import attend, attend_few, finish, qkv
 from chunkpolicy.models.fused import FusedLayer
 from chunkpolicy.models.masks import mask_bias
-from chunkpolicy.runtime.rtc import guided_sample, rtc_infer, rtc_target
+from chunkpolicy.runtime.rtc import RTCGuidance, rtc_target
 from helpers import toy_batch, toy_policy
 
 
@@ -199,18 +199,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
 
 
-def test_rtc_infer_equals_guided_sampling_over_the_unfused_velocity():
+def test_guided_infer_with_fused_layers_equals_the_modules():
     policy = toy_policy(horizon=8).eval()
     obs = _obs(B=2, horizon=8)
     inp = policy.prepare_inputs(obs)
     prev = policy.predict_chunk(obs, generator=torch.Generator().manual_seed(0))[:, 3:]
-    target, w = rtc_target(policy, prev.numpy(), inp["embodiment"], 3, 2)
+    target, w = rtc_target(policy, prev.numpy(), inp, 3, 2)
     noise = torch.randn(2, 8, 32)
     with torch.no_grad():
-        pout, _ = policy._encode(inp, inp["image_mask"], inp["attention_mask"])
-        ref = guided_sample(lambda z, t: policy.head.velocity(policy.backbone, pout, z, t), noise, target, w, inp["action_mask"], 5)
-        ref = policy.normalizer.unnormalize("action", ref, inp["embodiment"])
-        got = rtc_infer(policy, inp, noise, target, w, 5)
-        fused = rtc_infer(policy, inp, noise, target, w, 5, fused=policy.fused_layers())
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fused, ref, rtol=0, atol=1e-4)
+        got = policy.infer(inp, noise, 5, guidance=RTCGuidance(target, w))
+        fused = policy.infer(inp, noise, 5, fused=policy.fused_layers(), guidance=RTCGuidance(target, w))
+    torch.testing.assert_close(fused, got, rtol=0, atol=1e-4)
+
+

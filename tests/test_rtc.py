@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from chunkpolicy.runtime.executors import make_executor
-from chunkpolicy.runtime.rtc import RealTimeChunking, guided_sample, rtc_predict_fn, rtc_weights
+from chunkpolicy.models.flow import euler_integrate
+from chunkpolicy.runtime.rtc import RealTimeChunking, RTCGuidance, rtc_predict_fn, rtc_target, rtc_weights
 from helpers import toy_batch, toy_policy
 
 
@@ -51,12 +52,36 @@ def test_guided_sampling_matches_the_frozen_prefix():
     assert err_guided < 0.3 * err_free, (err_guided, err_free)
 
 
-def test_guided_sample_zero_weights_is_plain_euler():
+def test_guidance_with_zero_weights_is_plain_euler():
     v = lambda x, t: -x + 1.0  # noqa: E731
     noise = torch.randn(1, 4, 2)
-    mask = torch.ones(1, 2, dtype=torch.bool)
-    out = guided_sample(v, noise, torch.zeros(1, 4, 2), torch.zeros(4), mask, num_steps=5)
+    hook = RTCGuidance(torch.zeros(1, 4, 2), torch.zeros(4))
+    out = euler_integrate(v, noise, 5, guidance=hook, mask=torch.ones(1, 1, 2))
     x = noise.clone()
     for _ in range(5):
         x = x + 0.2 * (-x + 1.0)
     torch.testing.assert_close(out, x)
+
+
+def test_guidance_never_writes_invalid_dims():
+    """A vector-Jacobian product reaches input dims the velocity never writes: the sampler re-masks every update."""
+    w = torch.randn(2, 2)
+    v = lambda x, t: (x @ w) * torch.tensor([1.0, 0.0])  # noqa: E731  (dim 1 invalid, but dim 1 feeds dim 0)
+    hook = RTCGuidance(torch.ones(1, 4, 2), torch.ones(4))
+    noise = torch.randn(1, 4, 2) * torch.tensor([1.0, 0.0])
+    out = euler_integrate(v, noise, 5, guidance=hook, mask=torch.tensor([[[1.0, 0.0]]]))
+    assert torch.all(out[..., 1] == 0)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_rtc_target_is_in_the_models_space(delta):
+    """Regression: the committed prefix was normalized as absolute actions with delta stats, and RTC never added the
+    chunk-start state back. Mapping a predicted chunk into the model's space and back must give it unchanged."""
+    policy = toy_policy(horizon=8, delta_actions=delta).eval()
+    batch = {k: v for k, v in toy_batch(B=2, horizon=8).items() if k not in ("actions", "action_is_pad")}
+    batch["state"] = batch["state"] + 5.46  # far from 0: a missing state offset cannot hide
+    inp = policy.prepare_inputs(batch)
+    chunk = policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0))
+    target, w = rtc_target(policy, chunk.numpy(), inp, exec_horizon=3, prefix_len=2)
+    back = policy.space.unpad(policy.postprocess(target, inp), 0, "action")
+    torch.testing.assert_close(back, chunk, rtol=0, atol=1e-4)

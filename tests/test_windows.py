@@ -4,7 +4,8 @@ import torch
 
 from chunkpolicy.data.store import EpisodeStore
 from chunkpolicy.data.synthetic import make_spec, make_synthetic_store
-from chunkpolicy.data.windows import ChunkWindowDataset, delta_to_absolute, window_stats
+from chunkpolicy.data.windows import ChunkWindowDataset, window_stats
+from chunkpolicy.delta_actions import DeltaActions
 from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
 
 SPEC = make_spec("arm", action_dim=4, state_dim=5, cameras=("top", "wrist"))
@@ -70,7 +71,7 @@ def test_delta_actions_round_trip(store):
     delta = x["actions"][:, :4].numpy()
     np.testing.assert_allclose(delta[:, 3], ep0["action"][2:6, 3])
     np.testing.assert_allclose(delta[:, :3], ep0["action"][2:6, :3] - ep0["state"][2, :3], rtol=1e-6)
-    back = delta_to_absolute(SPEC, delta, ep0["state"][2])
+    back = DeltaActions.for_spec(SPEC).to_absolute(delta, ep0["state"][2])
     np.testing.assert_allclose(back, ep0["action"][2:6][:, a_idx], rtol=1e-6, atol=1e-6)
     stats = window_stats(ds)
     assert stats["action"]["mean"].shape == (4,)

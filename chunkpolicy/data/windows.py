@@ -8,7 +8,7 @@ Sample for frame ``t`` of an episode spanning ``[s, e)``:
 * images as uint8 ``[N, T_obs, 3, h, w]`` (the model scales them to [0, 1]).
 
 Delta actions (optional): action dims in ``spec.delta_action_mask()`` become ``a[t+k] - s[t]`` for the state dim of the
-same name; grippers and absolute dims stay absolute. :func:`delta_to_absolute` inverts it at inference.
+same name; grippers and absolute dims stay absolute. The conversion is :class:`~chunkpolicy.delta_actions.DeltaActions`, the same object the policy inverts it with.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from chunkpolicy.data.store import EpisodeStore
+from chunkpolicy.delta_actions import DeltaActions
 from chunkpolicy.normalize import compute_stats
 from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
 
@@ -40,30 +41,6 @@ def _split(hwc: np.ndarray, planes: list[np.ndarray]) -> None:
             cv2.setNumThreads(1)
         _cv2 = cv2
     _cv2.split(np.ascontiguousarray(hwc), planes)
-
-
-def delta_state_index(spec: EmbodimentSpec) -> tuple[np.ndarray, np.ndarray]:
-    """``(action_dims, state_dims)``: each delta-able action dim and the state dim it is relative to."""
-    mask = spec.delta_action_mask()
-    a_idx = np.flatnonzero(mask)
-    s_idx = np.array([spec.state_names.index(spec.action_names[i]) for i in a_idx], dtype=np.int64)
-    return a_idx, s_idx
-
-
-def absolute_to_delta(spec: EmbodimentSpec, actions: np.ndarray | torch.Tensor, state: np.ndarray | torch.Tensor):
-    """Robot-dim actions ``[..., H, A]`` → deltas relative to ``state`` ``[..., S]`` on the delta-able dims."""
-    a_idx, s_idx = delta_state_index(spec)
-    out = actions.clone() if isinstance(actions, torch.Tensor) else actions.copy()
-    out[..., a_idx] = actions[..., a_idx] - state[..., None, s_idx]
-    return out
-
-
-def delta_to_absolute(spec: EmbodimentSpec, actions: np.ndarray | torch.Tensor, state: np.ndarray | torch.Tensor):
-    """Inverse of :func:`absolute_to_delta`: ``[..., H, A]`` deltas + state ``[..., S]`` → absolute actions."""
-    a_idx, s_idx = delta_state_index(spec)
-    out = actions.clone() if isinstance(actions, torch.Tensor) else actions.copy()
-    out[..., a_idx] = actions[..., a_idx] + state[..., None, s_idx]
-    return out
 
 
 class ChunkWindowDataset(torch.utils.data.Dataset):
@@ -119,7 +96,7 @@ class ChunkWindowDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.store.path}: cameras have different sizes {sorted(sizes)}; set image_size")
         self.image_size = tuple(image_size) if image_size is not None else (next(iter(sizes)) if sizes else None)
         self.delta_actions = bool(delta_actions)
-        self._delta_a, self._delta_s = delta_state_index(spec)
+        self.deltas = DeltaActions.for_spec(spec)
         self.episodes = np.arange(self.store.num_episodes) if episodes is None else np.asarray(list(episodes), dtype=np.int64)
         if self.episodes.size and (self.episodes.min() < 0 or self.episodes.max() >= self.store.num_episodes):
             raise IndexError(f"episodes: indices outside [0, {self.store.num_episodes})")
@@ -133,7 +110,7 @@ class ChunkWindowDataset(torch.utils.data.Dataset):
         self._state_mask = torch.from_numpy(space.mask(spec.name, "state"))
         delta = np.zeros(space.dim, dtype=bool)
         if self.delta_actions:
-            delta[space.indices(spec.name, "action")[self._delta_a]] = True
+            delta[space.indices(spec.name, "action")[self.deltas.on[0].numpy()]] = True
         self._delta_mask = torch.from_numpy(delta)
         self._image_mask = torch.arange(self.n_cameras) < len(self.cameras)
 
@@ -156,7 +133,7 @@ class ChunkWindowDataset(torch.utils.data.Dataset):
         state = self.store.read_frames("state", obs)  # [T_obs, S]
         actions = self.store.read_frames("action", act)  # [H, A]
         if self.delta_actions:
-            actions = absolute_to_delta(self.spec, actions, self.store.read_frames("state", np.array([t]))[0])
+            actions = self.deltas.to_delta(actions, self.store.read_frames("state", np.array([t]))[0])
         sample: dict[str, Any] = {
             "images": self._images(obs),
             "image_mask": self._image_mask.clone(),
@@ -207,7 +184,7 @@ class ChunkWindowDataset(torch.utils.data.Dataset):
                 continue
             for t in range(e - s):  # every step of every window starting at t
                 chunk = a[t : t + self.horizon]
-                acts.append(absolute_to_delta(self.spec, chunk, st[t]))
+                acts.append(self.deltas.to_delta(chunk, st[t]))
         return np.concatenate(acts), np.concatenate(states)
 
 

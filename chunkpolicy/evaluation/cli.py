@@ -82,7 +82,7 @@ def run_eval(
     from chunkpolicy.evaluation.report import bar_chart, invalid_counts, markdown_table, summarize, write_json_atomic
     from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_embodiment, evaluate
     from chunkpolicy.evaluation.video import write_mp4
-    from chunkpolicy.runtime.executors import make_executor
+    from chunkpolicy.runtime.executors import check_executor, make_executor
     from chunkpolicy.sim.base import env_check_task, env_spec, setup_headless_gl
 
     setup_headless_gl()
@@ -109,8 +109,7 @@ def run_eval(
         spec = check_embodiment(policy, env, env_kwargs)
         env_kwargs["cameras"] = tuple(spec.cameras)
         horizon = policy.config.horizon
-        if ex_spec.startswith("rtc") and not hasattr(policy.head, "velocity"):
-            raise ValueError(f"executor: rtc needs a flow head; this checkpoint's head is {policy.config.head!r}")
+        check_executor(ex_spec, policy.head.caps, type(policy.head).__name__)
         may_fail["policy"] = bool(policy.head.caps.may_fail)
         from chunkpolicy.models.tokenizer import check_prompts  # a too-long task prompt: an error before any rollout
         from chunkpolicy.sim.base import env_task_prompt

@@ -35,16 +35,25 @@ def target_velocity(actions: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def euler_integrate(
-    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, num_steps: int = DEFAULT_STEPS
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, num_steps: int = DEFAULT_STEPS,
+    guidance: Callable | None = None, mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integrate from τ = 0 (``noise``) to τ = 1 with ``num_steps`` Euler steps; ``velocity(x, tau[B])``.
 
-    The τ grid is built on the device once, so the loop issues no host syncs.
+    ``guidance(velocity, x, tau, t) -> v`` (see :data:`chunkpolicy.models.heads.base.Guidance`) replaces the plain
+    velocity at every step; ``mask`` (broadcastable to ``x``, 0/1) is then re-applied to every update, since a
+    guidance term may reach dims the velocity never writes. The τ grid is built on the device once, so the loop
+    issues no host syncs.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     x, dt = noise, 1.0 / num_steps
     taus = torch.arange(num_steps, device=noise.device, dtype=noise.dtype) * dt
     for i in range(num_steps):
-        x = x + dt * velocity(x, taus[i].expand(noise.shape[0]))
+        t = taus[i].expand(noise.shape[0])
+        if guidance is None:
+            x = x + dt * velocity(x, t)
+        else:
+            v = guidance(velocity, x, i * dt, t)
+            x = x + dt * (v if mask is None else v * mask)
     return x

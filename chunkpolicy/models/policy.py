@@ -4,6 +4,17 @@ Training: ``compute_loss(batch)`` takes the batch schema in robot units (as the 
 state and actions with the per-embodiment normalizer, encodes the prefix once and asks the head for its loss.
 Inference: ``predict_chunk(observation)`` returns ``[B, H, robot action dims]`` in robot units. Normalization happens
 here and only here, for both.
+
+The one inference path, in public steps that executors, guidance and CUDA graphs plug into::
+
+    inputs = policy.prepare_inputs(obs, policy.validate(obs, training=False))   # host work: checks, prompt tokens
+    prefix = policy.encode(inputs)                                             # prefix encoded once per chunk
+    x = policy.sample(inputs, prefix, noise, guidance=...)                     # normalized unified [B, H, D]
+    actions = policy.postprocess(x, inputs)                                    # robot units (delta → absolute)
+
+:meth:`infer` is the three device steps in a row. A guidance hook (e.g. real-time chunking) steers the head's sampler
+from inside (heads with ``caps.velocity``); it never re-implements inference. :meth:`preprocess_actions` is the
+inverse of :meth:`postprocess`, for actions given in robot units (e.g. a guidance target).
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ from torch import nn
 from chunkpolicy.atomic import atomic_dir
 from chunkpolicy.models.backbone import Backbone
 from chunkpolicy.models.backbone_config import backbone_config
-from chunkpolicy.models.heads.base import build_head
+from chunkpolicy.delta_actions import DeltaActions
+from chunkpolicy.models.heads.base import Guidance, build_head
 from chunkpolicy.models.heads.configs import FlowExpertConfig, HeadConfig, as_head_config, head_config
 from chunkpolicy.models.tokenizer import build_char_tokenizer, load_tokenizer, tokenize_prompts
 from chunkpolicy.normalize import Normalizer
@@ -84,6 +96,9 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         self.normalizer = Normalizer(space, stats, {"action": config.action_norm, "state": config.state_norm})
         self.backbone = Backbone(backbone_config(config.backbone, **config.backbone_overrides), state_dim=space.dim)
         self.head = build_head(config.head.type, config.head, self.backbone, config.horizon, space.dim)
+        _check(config.action_norm in self.head.caps.action_norms,
+               f"action_norm: the {config.head.type} head cannot represent {config.action_norm!r} actions "
+               f"(it accepts {list(self.head.caps.action_norms)})")
         if tokenizer is None:
             tokenizer = load_tokenizer(config.tokenizer_dir) if config.tokenizer_dir else build_char_tokenizer()
         _check(len(tokenizer) <= self.backbone.vocab_size,
@@ -95,16 +110,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.register_buffer("_action_masks", space.mask_table("action"), persistent=False)
         self.register_buffer("_state_masks", space.mask_table("state"), persistent=False)
-        # delta actions: for each embodiment and unified action dim, the unified state dim it is relative to
-        src = torch.zeros(len(space.embodiments), space.dim, dtype=torch.long)
-        on = torch.zeros(len(space.embodiments), space.dim, dtype=torch.bool)
-        for e, spec in enumerate(space.embodiments):
-            a_u, s_u, dm = space.indices(e, "action"), space.indices(e, "state"), spec.delta_action_mask()
-            for j, name in enumerate(spec.action_names):
-                if dm[j]:
-                    src[e, a_u[j]], on[e, a_u[j]] = int(s_u[spec.state_names.index(name)]), True
-        self.register_buffer("_delta_src", src, persistent=False)
-        self.register_buffer("_delta_on", on, persistent=False)
+        self.deltas = DeltaActions.for_space(space)  # used only when config.delta_actions
 
     @property
     def device(self) -> torch.device:
@@ -190,10 +196,6 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
                                             vision_layers=vision_layers)
         return self.backbone.encode_prefix(prefix, layers=layers, hidden=hidden), prefix
 
-    @property
-    def _head_reads_hidden(self) -> bool:
-        return getattr(self.head, "reads_prefix_hidden", True)
-
     def _prefix(self, batch: Mapping[str, Any], generator: torch.Generator | None = None, hidden: bool = True):
         inp = self.prepare_inputs(batch)
         image_mask, am = inp["image_mask"], inp["attention_mask"]
@@ -238,7 +240,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         image_mask, am = inputs["image_mask"], inputs["attention_mask"]
         if self.training and self.config.modality_dropout > 0:
             image_mask, am = self._modality_dropout(image_mask, am, generator)
-        pout, _ = self._encode(inputs, image_mask, am, hidden=self._head_reads_hidden)
+        pout, _ = self._encode(inputs, image_mask, am, hidden=self.head.caps.reads_prefix_hidden)
         head_batch = {k: inputs[k] for k in ("actions", "action_mask", "action_is_pad")}
         return self.head.loss(self.backbone, pout, head_batch, generator=generator)
 
@@ -246,8 +248,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         """``torch.compile`` the per-layer training work of the backbone and, where it has one, of the head
         (:meth:`Backbone.compile_layers`); the first steps after this compile (tens of seconds for pi0 size)."""
         self.backbone.compile_layers(**compile_kw)
-        if hasattr(self.head, "compile_layers"):
-            self.head.compile_layers(**compile_kw)
+        self.head.compile_layers(**compile_kw)
 
     # -- inference ------------------------------------------------------------------------------------------------
     def fused_layers(self) -> dict[str, list]:
@@ -255,28 +256,61 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         (``{"vision": [...], "backbone": [...], "head": [...]}``; the head's only if it runs Gemma layers). They copy
         the weights: rebuild them, or ``refresh`` each, after the weights change."""
         out = {"vision": self.backbone.fused_vision_layers(), "backbone": self.backbone.fused_layers()}
-        if hasattr(self.head, "fused_layers"):
+        if self.head.caps.fused_layers:
             out["head"] = self.head.fused_layers()
         return out
 
-    def infer(self, inputs: Mapping[str, torch.Tensor], noise: torch.Tensor, num_steps: int | None = None,
-              fused: Mapping[str, list] | None = None) -> torch.Tensor:
-        """Chunk ``[B, H, D]`` in robot units from :meth:`prepare_inputs` output and initial ``noise [B, H, D]``.
-
-        No validation and no host syncs for the flow heads, so it can be captured in a CUDA graph
-        (:class:`chunkpolicy.runtime.graphs.CudaGraphPolicy`). ``fused``: :meth:`fused_layers` to run instead of the
-        modules (same numbers up to float rounding, fewer kernels)."""
-        emb = inputs["embodiment"]
+    def encode(self, inputs: Mapping[str, torch.Tensor], fused: Mapping[str, list] | None = None):
+        """The prefix (images, prompt, normalized state) encoded once per chunk, from :meth:`prepare_inputs` output:
+        a :class:`~chunkpolicy.models.prefix.PrefixOutput` (per-layer keys/values, last hidden states)."""
         fused = fused or {}
         pout, _ = self._encode(inputs, inputs["image_mask"], inputs["attention_mask"], layers=fused.get("backbone"),
-                               hidden=self._head_reads_hidden, vision_layers=fused.get("vision"))
-        kw = {"layers": fused["head"]} if "head" in fused else {}
-        out = self.head.sample(self.backbone, pout, {"action_mask": inputs["action_mask"]}, num_steps=num_steps, noise=noise, **kw)
-        actions = self.normalizer.unnormalize("action", out.float(), emb, check=False)
+                               hidden=self.head.caps.reads_prefix_hidden, vision_layers=fused.get("vision"))
+        return pout
+
+    def sample(self, inputs: Mapping[str, torch.Tensor], prefix_out: Any, noise: torch.Tensor, num_steps: int | None = None,
+               fused: Mapping[str, list] | None = None, guidance: Guidance | None = None) -> torch.Tensor:
+        """Normalized unified chunk ``[B, H, D]`` from the head's sampler (``noise [B, H, D]``, invalid dims 0).
+        ``guidance``: a hook that steers a flow sampler (``head.caps.velocity``); see
+        :data:`~chunkpolicy.models.heads.base.Guidance`. A sample the head could not produce is NaN on its valid
+        dims (``head.last_valid``)."""
+        if guidance is not None and not self.head.caps.velocity:
+            raise ValueError(f"guidance: {type(self.head).__name__} has no flow velocity to guide "
+                             "(real-time chunking needs flow_expert, or dit with objective=flow)")
+        kw: dict[str, Any] = {"guidance": guidance} if guidance is not None else {}
+        if fused and "head" in fused:
+            kw["layers"] = fused["head"]
+        return self.head.sample(self.backbone, prefix_out, {"action_mask": inputs["action_mask"]}, num_steps=num_steps,
+                                noise=noise, **kw)
+
+    def postprocess(self, actions: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalized unified ``actions [B, H, D]`` → robot units (unified dims; invalid dims 0): unnormalize, then
+        add the chunk-start state back to delta dims when the policy predicts delta actions."""
+        emb = inputs["embodiment"]
+        out = self.normalizer.unnormalize("action", actions.float(), emb, check=False)
         if self.config.delta_actions:
-            base = inputs["state"][:, -1].gather(-1, self._delta_src[emb])
-            actions = actions + torch.where(self._delta_on[emb], base, torch.zeros_like(base))[:, None]
-        return actions
+            out = self.deltas.to_absolute(out, inputs["state"][:, -1], emb)
+        return out
+
+    def preprocess_actions(self, actions: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`postprocess`: unified robot-unit ``actions [B, H, D]`` → normalized model space (deltas
+        relative to this observation's state when the policy predicts delta actions)."""
+        emb = inputs["embodiment"]
+        a = actions.to(self.device).float()
+        if self.config.delta_actions:
+            a = self.deltas.to_delta(a, inputs["state"][:, -1], emb)
+        return self.normalizer.normalize("action", a, emb, check=False)
+
+    def infer(self, inputs: Mapping[str, torch.Tensor], noise: torch.Tensor, num_steps: int | None = None,
+              fused: Mapping[str, list] | None = None, guidance: Guidance | None = None) -> torch.Tensor:
+        """Chunk ``[B, H, D]`` in robot units from :meth:`prepare_inputs` output and initial ``noise [B, H, D]``:
+        :meth:`encode` → :meth:`sample` → :meth:`postprocess`.
+
+        No validation and no host syncs for heads with ``caps.sync_free_sample``, so it can be captured in a CUDA graph
+        (:class:`chunkpolicy.runtime.graphs.CudaGraphPolicy`), guidance included. ``fused``: :meth:`fused_layers` to
+        run instead of the modules (same numbers up to float rounding, fewer kernels)."""
+        pout = self.encode(inputs, fused)
+        return self.postprocess(self.sample(inputs, pout, noise, num_steps, fused, guidance), inputs)
 
     @torch.no_grad()
     def predict_unified(self, observation: Mapping[str, Any], *, num_steps: int | None = None,
@@ -313,7 +347,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             (tmp / "normalizer.json").write_text(json.dumps(self.normalizer.to_dict()))
             (tmp / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2))
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            extra = self.head.state_files() if hasattr(self.head, "state_files") else {}
+            extra = self.head.state_files()
             if extra:  # non-tensor head state, e.g. a fitted FAST BPE
                 (tmp / "head").mkdir()
                 for name, text in extra.items():
@@ -349,7 +383,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         tok_dir = path / "tokenizer"
         tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
         policy = cls(config, space, norm["stats"], tokenizer=tokenizer)
-        if (path / "head").is_dir() and hasattr(policy.head, "load_state_files"):
+        if (path / "head").is_dir():
             policy.head.load_state_files({p.name: p.read_text() for p in (path / "head").iterdir()})
         try:
             state = load_file(str(path / "model.safetensors"), device=str(map_location))

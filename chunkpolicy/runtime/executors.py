@@ -45,6 +45,7 @@ __all__ = [
     "register_executor",
     "available_executors",
     "make_executor",
+    "check_executor",
 ]
 
 
@@ -64,6 +65,8 @@ class ChunkExecutor(ABC):
     """
 
     name: str = "executor"
+    # head capabilities (names of HeadCapabilities flags) the policy must declare for this executor to work
+    needs: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.reset()
@@ -252,6 +255,18 @@ def _convert(name: str, param: str, raw: str, hint: Any) -> Any:
             continue
     want = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ValueError(f"executor {name!r}: {param} must be {want}, got {raw!r}")
+
+
+def check_executor(spec: str | ChunkExecutor, caps: Any, head_name: str = "this") -> ChunkExecutor:
+    """The executor for ``spec`` if a head with capabilities ``caps`` (a
+    :class:`~chunkpolicy.models.heads.base.HeadCapabilities`) can drive it; else one ``ValueError`` naming what is
+    missing. Call it at start-up, before any simulator or robot runs."""
+    ex = make_executor(spec)
+    missing = [n for n in ex.needs if not getattr(caps, n)]
+    if missing:
+        raise ValueError(f"executor {ex.spec()!r} needs a head with {', '.join(missing)}; the {head_name} head has none "
+                         "(real-time chunking needs flow_expert, or dit with objective=flow)")
+    return ex
 
 
 def make_executor(spec: str | ChunkExecutor) -> ChunkExecutor:

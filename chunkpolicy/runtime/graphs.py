@@ -59,12 +59,12 @@ def compile_policy_methods(policy: ChunkPolicy, step_mode: str | None = None,
     kw = {"dynamic": False, **({"options": dict(options)} if options else {})}
     out = {"backbone.embed_prefix": torch.compile(policy.backbone.embed_prefix, **kw),
            "backbone.encode_prefix": torch.compile(policy.backbone.encode_prefix, **kw)}
-    if step_mode:  # torch.compile takes a mode or options, not both
-        out["head.velocity"] = torch.compile(policy.head.velocity, dynamic=False, mode=step_mode)
-    else:
-        out["head.velocity"] = torch.compile(policy.head.velocity, **kw)
-    if hasattr(policy.head, "suffix_cache"):  # per-chunk constants of the flow expert: ~40 small kernels eager
-        out["head.suffix_cache"] = torch.compile(policy.head.suffix_cache, **kw)
+    for name in policy.head.inference_methods:  # declared by the head (per-step velocity, per-chunk constants)
+        fn = getattr(policy.head, name)
+        if step_mode and name == "velocity":  # torch.compile takes a mode or options, not both
+            out[f"head.{name}"] = torch.compile(fn, dynamic=False, mode=step_mode)
+        else:
+            out[f"head.{name}"] = torch.compile(fn, **kw)
     return out
 
 
@@ -81,15 +81,21 @@ class CudaGraphPolicy:
     """Callable like ``policy.predict_unified`` for observations shaped like ``example``; returns ``[B, H, D]``."""
 
     def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int | None = None, warmup: int = 3,
-                 compile: bool | str = False, fuse: bool = True, compile_options: Mapping[str, Any] | None = None) -> None:
+                 compile: bool | str = False, fuse: bool = True, compile_options: Mapping[str, Any] | None = None,
+                 guidance: Any = None) -> None:
         """``compile=True`` first fuses the elementwise work of each layer with ``torch.compile`` (Inductor/Triton
         kernels, captured like any other kernel), which matters at batch 1 where thousands of tiny kernels dominate;
         a string is the Inductor mode for the per-step function, ``compile_options`` Inductor options
         (:func:`compile_policy_methods`).
-        ``fuse=True`` runs fused-projection weight snapshots (see the module docstring)."""
+        ``fuse=True`` runs fused-projection weight snapshots (see the module docstring).
+        ``guidance``: a guidance hook captured with the graph (e.g. :class:`~chunkpolicy.runtime.rtc.RTCGuidance`,
+        vector-Jacobian products included); it must read only tensors it updates in place between replays."""
         if policy.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the policy on a CUDA device, it is on {policy.device}")
-        self.policy, self.num_steps = policy.eval(), num_steps
+        if not policy.head.caps.sync_free_sample:
+            raise ValueError(f"CUDA graphs need a head whose sampling has no host syncs; {type(policy.head).__name__} "
+                             "with this config has none (flow_expert, or dit with objective=flow)")
+        self.policy, self.num_steps, self.guidance = policy.eval(), num_steps, guidance
         self.fused = policy.fused_layers() if fuse else None
         step_mode = compile if isinstance(compile, str) else None
         self.compiled = compile_policy_methods(policy, step_mode, compile_options) if compile else {}  # kept alive with the graph
@@ -99,14 +105,15 @@ class CudaGraphPolicy:
             B = self.inputs["embodiment"].shape[0]
             self.noise = torch.randn(B, policy.config.horizon, policy.space.dim, device=policy.device,
                                      dtype=policy.backbone.state_proj.weight.dtype)
-            self.graph, self.out = capture(lambda: policy.infer(self.inputs, self.noise, num_steps, fused=self.fused), warmup)
+            self.graph, self.out = capture(
+                lambda: policy.infer(self.inputs, self.noise, num_steps, fused=self.fused, guidance=guidance), warmup)
 
     def refresh_weights(self) -> None:
         """Copy the policy's current weights into the fused snapshots the graph reads."""
         if self.fused is not None:
             bb = self.policy.backbone
             for key, modules in (("vision", bb.model.vision_tower.vision_model.encoder.layers), ("backbone", bb.layers),
-                                 ("head", getattr(self.policy.head, "layers", []))):
+                                 ("head", self.policy.head.layers if self.policy.head.caps.fused_layers else [])):
                 for snap, layer in zip(self.fused.get(key, []), modules):
                     snap.refresh(layer)
 

@@ -9,8 +9,11 @@ target with a vector–Jacobian product through the velocity network:
 
     v ← v + min(β, (1 − τ) / (τ · r²_τ)) · (∂x̂₁/∂x)ᵀ [W ⊙ (target − x̂₁)],   r²_τ = (1 − τ)² / (τ² + (1 − τ)²)
 
-Works with any head that exposes ``velocity(backbone, prefix_out, x, tau)`` (``flow_expert``; ``dit`` with the flow
-objective). :class:`RealTimeChunking` is the executor; :func:`rtc_predict_fn` makes the policy side.
+:class:`RTCGuidance` is this rule as a guidance hook of the policy's one sampling loop (:meth:`ChunkPolicy.infer`,
+eager or captured in a CUDA graph by :class:`~chunkpolicy.runtime.graphs.CudaGraphPolicy`); it works with any head
+that declares ``caps.velocity`` (``flow_expert``; ``dit`` with the flow objective). The target is the previous chunk
+mapped into the model's space by :meth:`ChunkPolicy.preprocess_actions` (normalized; relative to the new chunk-start
+state with delta actions). :class:`RealTimeChunking` is the executor; :func:`rtc_predict_fn` makes the policy side.
 """
 
 from __future__ import annotations
@@ -38,67 +41,53 @@ def rtc_weights(horizon: int, delay: int, exec_horizon: int) -> np.ndarray:
     return w
 
 
-def guided_sample(
-    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    noise: torch.Tensor,
-    target: torch.Tensor,
-    weights: torch.Tensor,
-    action_mask: torch.Tensor,
-    num_steps: int = 10,
-    beta: float = 5.0,
-) -> torch.Tensor:
-    """Euler integration τ: 0 → 1 with RTC guidance toward ``target [B, H, D]`` (normalized unified actions).
+class RTCGuidance:
+    """The RTC guidance hook for :meth:`ChunkPolicy.infer` / ``head.sample`` (see the module docstring).
 
-    ``weights [H]`` from :func:`rtc_weights`; ``action_mask [B, D]``: invalid dims stay exactly 0."""
-    m = action_mask.bool()[:, None, :].to(noise.dtype)
-    w = weights.to(noise)[None, :, None] * m
-    target = target.to(noise.dtype)  # the vector-Jacobian product needs the velocity's dtype
-    x, dt = noise * m, 1.0 / num_steps
-    for i in range(num_steps):
-        tau = i * dt
-        t = torch.full((x.shape[0],), tau, dtype=x.dtype, device=x.device)
+    ``target [B, H, D]``: the previous chunk's remaining actions in the policy's normalized model space
+    (:func:`rtc_target`); ``weights [H]``: :func:`rtc_weights`. Both are read at call time, so a CUDA graph captured
+    with this hook replays with whatever was copied into them (:meth:`set`)."""
+
+    def __init__(self, target: torch.Tensor, weights: torch.Tensor, beta: float = 5.0) -> None:
+        self.target, self.weights, self.beta = target, weights, float(beta)
+
+    def set(self, target: torch.Tensor, weights: torch.Tensor) -> None:
+        """Copy new values into the hook's tensors in place (what a captured graph reads)."""
+        self.target.copy_(target)
+        self.weights.copy_(weights)
+
+    def __call__(self, velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, tau: float,
+                 t: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            v = velocity(xg, t) * m
+            v = velocity(xg, t)
             x1 = xg + (1.0 - tau) * v
-            err = w * (target - x1.detach())
+            w = self.weights.to(x.dtype)[None, :, None]
+            err = w * (self.target.to(x.dtype) - x1.detach())  # the vector-Jacobian product needs the velocity's dtype
             (g,) = torch.autograd.grad(x1, xg, grad_outputs=err)
         r2 = (1 - tau) ** 2 / (tau**2 + (1 - tau) ** 2)
-        k = beta if tau == 0 else min(beta, (1 - tau) / (tau * r2))
-        x = (x + dt * (v.detach() + k * g)) * m
-    return x.detach()
+        k = self.beta if tau == 0 else min(self.beta, (1 - tau) / (tau * r2))
+        return v.detach() + k * g
 
 
-def rtc_infer(policy: ChunkPolicy, inputs: Mapping[str, torch.Tensor], noise: torch.Tensor, target: torch.Tensor,
-              weights: torch.Tensor, num_steps: int, beta: float = 5.0, fused: Mapping[str, list] | None = None) -> torch.Tensor:
-    """Guided chunk ``[B, H, D]`` in robot units (unified space) from :meth:`ChunkPolicy.prepare_inputs` output,
-    ``noise [B, H, D]``, the previous chunk's actions as normalized unified ``target [B, H, D]`` and ``weights [H]``.
-
-    Like :meth:`ChunkPolicy.infer` it issues no host syncs, so :class:`CudaGraphRTC` can capture it (vector-Jacobian
-    products included). ``fused``: :meth:`ChunkPolicy.fused_layers` snapshots."""
-    head, fused = policy.head, fused or {}
-    pout, _ = policy._encode(inputs, inputs["image_mask"], inputs["attention_mask"], layers=fused.get("backbone"),
-                             hidden=policy._head_reads_hidden, vision_layers=fused.get("vision"))
-    kw: dict[str, Any] = {}
-    if hasattr(head, "suffix_cache"):  # flow_expert: per-chunk constants once; the guided steps need gradients, so no KV buffers
-        kw = {"cache": head.suffix_cache(policy.backbone, pout, buffers=False), **({"layers": fused["head"]} if "head" in fused else {})}
-    x = guided_sample(lambda z, t: head.velocity(policy.backbone, pout, z, t, **kw), noise, target, weights,
-                      inputs["action_mask"], num_steps, beta)
-    return policy.normalizer.unnormalize("action", x.float(), inputs["embodiment"], check=False)
-
-
-def rtc_target(policy: ChunkPolicy, prefix: Any, embodiment: torch.Tensor, exec_horizon: int | None, prefix_len: int):
+def rtc_target(policy: ChunkPolicy, prefix: Any, inputs: Mapping[str, torch.Tensor], exec_horizon: int | None,
+               prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized unified ``target [B, H, D]`` and guidance ``weights [H]`` for the previous chunk's remaining actions
-    ``prefix [B, H', A]`` (robot units) of embodiment ids ``embodiment [B]`` (one embodiment)."""
+    ``prefix [B, H', A]`` (robot units) and the new observation's :meth:`ChunkPolicy.prepare_inputs` output (one
+    embodiment). The target goes through :meth:`ChunkPolicy.preprocess_actions`: with delta actions it is made
+    relative to the new chunk-start state, exactly as the model's output will be."""
     H, D, dev = policy.config.horizon, policy.space.dim, policy.device
-    e = int(embodiment[0])
+    e = int(inputs["embodiment"][0])
     prev = torch.as_tensor(np.asarray(prefix), dtype=torch.float32, device=dev)
     n = prev.shape[1]
+    if n > H:
+        raise ValueError(f"rtc: prefix has {n} steps, more than the horizon H={H}")
     s = exec_horizon if exec_horizon is not None else H - n
-    target = torch.zeros(prev.shape[0], H, D, device=dev)
-    target[:, :n] = policy.normalizer.normalize("action", policy.space.pad(prev, e, "action"), embodiment)
+    actions = torch.zeros(prev.shape[0], H, D, device=dev)
+    actions[:, :n] = policy.space.pad(prev, e, "action")
+    target = policy.preprocess_actions(actions, inputs)
     w = torch.as_tensor(rtc_weights(H, int(prefix_len), s), device=dev)
-    w[n:] = 0.0
+    w[n:] = 0.0  # steps the previous chunk never covered
     return target, w
 
 
@@ -110,10 +99,10 @@ def rtc_predict_fn(policy: ChunkPolicy, beta: float = 5.0, num_steps: int | None
     ``obs`` is a batch-schema observation of one embodiment; ``prefix [B, H', A]`` is the previous chunk's remaining
     actions (robot units), aligned with the new chunk's first steps; ``prefix_len`` the frozen delay ``d``.
     ``cuda_graph``: replay both kinds of chunk from CUDA graphs captured on the first call of each (fixed shapes)."""
-    head = policy.head
-    if not hasattr(head, "velocity"):
-        raise ValueError(f"rtc needs a flow head with velocity(); {policy.config.head!r} has none")
-    steps = num_steps or getattr(head.cfg, "num_steps", 10)
+    if not policy.head.caps.velocity:
+        raise ValueError(f"rtc needs a head with a flow velocity (flow_expert, or dit with objective=flow); "
+                         f"{type(policy.head).__name__} has none")
+    steps = num_steps or policy.head.cfg.num_steps
     graphs: dict[str, Any] = {}
 
     @torch.no_grad()
@@ -128,56 +117,22 @@ def rtc_predict_fn(policy: ChunkPolicy, beta: float = 5.0, num_steps: int | None
             e = int(torch.as_tensor(obs["embodiment"])[0])
             return policy.space.unpad(graphs["plain"](obs, generator=generator), e, "action")
         inp = policy.prepare_inputs(obs, policy.validate(obs, training=False))
-        emb = inp["embodiment"]
-        target, w = rtc_target(policy, prefix, emb, exec_horizon, prefix_len)
+        target, w = rtc_target(policy, prefix, inp, exec_horizon, prefix_len)
         noise = torch.randn(target.shape, generator=generator, device=policy.device)
         if cuda_graph:
             if "guided" not in graphs:
-                graphs["guided"] = CudaGraphRTC(policy, obs, num_steps=steps, beta=beta)
-            out = graphs["guided"](obs, target, w, noise)
+                from chunkpolicy.runtime.graphs import CudaGraphPolicy
+
+                hook = RTCGuidance(torch.zeros_like(target), torch.zeros_like(w), beta)
+                graphs["guided"] = CudaGraphPolicy(policy, obs, num_steps=steps, guidance=hook)
+            graphs["guided"].guidance.set(target, w)
+            out = graphs["guided"](obs, noise=noise)
         else:
-            out = rtc_infer(policy, inp, noise.to(policy.backbone.state_proj.weight.dtype), target, w, steps, beta)
-        return policy.space.unpad(out, int(emb[0]), "action")
+            out = policy.infer(inp, noise.to(policy.backbone.state_proj.weight.dtype), steps,
+                               guidance=RTCGuidance(target, w, beta))
+        return policy.space.unpad(out, int(inp["embodiment"][0]), "action")
 
     return predict
-
-
-class CudaGraphRTC:
-    """:func:`rtc_infer` replayed from one CUDA graph (prefix, every step's forward and vector-Jacobian product) for
-    observations shaped like ``example``; fused-projection weight snapshots as in
-    :class:`~chunkpolicy.runtime.graphs.CudaGraphPolicy`."""
-
-    def __init__(self, policy: ChunkPolicy, example: Mapping[str, Any], num_steps: int = 10, beta: float = 5.0,
-                 fuse: bool = True, warmup: int = 2, compile: bool = False) -> None:
-        """``compile``: ``torch.compile`` the prefix and velocity functions inside the graph, as ``CudaGraphPolicy``
-        does (the velocity compiles with its backward, for the vector-Jacobian products)."""
-        from chunkpolicy.runtime.graphs import capture, compile_policy_methods, compiled_methods
-
-        self.policy = policy.eval()
-        policy.validate(example, training=False)
-        dt = policy.backbone.state_proj.weight.dtype
-        with torch.no_grad():
-            self.inputs = {k: v.clone() for k, v in policy.prepare_inputs(example).items()}
-            B, H, D = self.inputs["embodiment"].shape[0], policy.config.horizon, policy.space.dim
-            self.noise, self.target = torch.zeros(B, H, D, device=policy.device, dtype=dt), torch.zeros(B, H, D, device=policy.device)
-            self.weights = torch.zeros(H, device=policy.device, dtype=torch.float64)
-            self.fused = policy.fused_layers() if fuse else None
-            self.compiled = compile_policy_methods(policy) if compile else {}
-            with compiled_methods(policy, self.compiled):
-                self.graph, self.out = capture(lambda: rtc_infer(policy, self.inputs, self.noise, self.target, self.weights,
-                                                                 num_steps, beta, self.fused), warmup)
-
-    @torch.no_grad()
-    def __call__(self, observation: Mapping[str, Any], target: torch.Tensor, weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Guided chunk ``[B, H, D]`` (robot units, unified); arguments as for :func:`rtc_infer`."""
-        from chunkpolicy.runtime.graphs import load_inputs
-
-        load_inputs(self.policy, observation, self.inputs)
-        self.target.copy_(target)
-        self.weights.copy_(weights)
-        self.noise.copy_(noise)
-        self.graph.replay()
-        return self.out.clone()
 
 
 class RealTimeChunking(ChunkExecutor):
@@ -189,6 +144,7 @@ class RealTimeChunking(ChunkExecutor):
     """
 
     name = "rtc"
+    needs = ("velocity",)  # guidance steers a flow sampler
 
     def __init__(self, s: int = 8, d: int = 2) -> None:
         if s < 1 or d < 0 or d > s:

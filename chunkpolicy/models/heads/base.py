@@ -77,6 +77,7 @@ class ActionHead(nn.Module, ABC):
     """Base class; see the module docstring for the contract."""
 
     reserved_token_base: int | None = None  # first backbone vocabulary id the head reserves for itself (tokens head)
+    inference_methods: tuple[str, ...] = ()  # hot methods of sampling worth torch.compile-ing (runtime.graphs)
 
     def __init__(self, cfg: Any, backbone: nn.Module, horizon: int, action_dim: int) -> None:
         super().__init__()

@@ -18,6 +18,8 @@ so whatever values sit there change neither the loss nor its gradient.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +28,7 @@ from chunkpolicy.models import flow
 from chunkpolicy.models.backbone import Backbone
 from chunkpolicy.models.embeddings import sinusoidal_embedding
 from chunkpolicy.models.prefix import PrefixOutput
-from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
+from chunkpolicy.models.heads.base import ActionHead, Guidance, HeadCapabilities, register_head
 from chunkpolicy.models.heads.configs import DiTConfig
 from chunkpolicy.models.losses import masked_mean
 
@@ -59,6 +61,8 @@ class DiTBlock(nn.Module):
 
 @register_head("dit")
 class DiTHead(ActionHead):
+    inference_methods = ("velocity",)
+
     @classmethod
     def capabilities(cls, cfg: DiTConfig) -> HeadCapabilities:
         flow_obj = cfg.objective == "flow"  # diffusers' scheduler steps read Python scalars: not graph-capturable
@@ -91,10 +95,13 @@ class DiTHead(ActionHead):
     def _sampler(self):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+        # "trailing" spacing: the first sampling step starts at t = T - 1 (pure noise). diffusers' default "leading"
+        # never reaches it, so few-step sampling starts from a wrong noise level (1 step returned the input noise).
         cfg = self.train_scheduler.config
         if self.cfg.sampler == "ddim":
-            return DDIMScheduler.from_config(cfg)
-        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
+            return DDIMScheduler.from_config(cfg, timestep_spacing="trailing")
+        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                       timestep_spacing="trailing")
 
     def net(self, x: torch.Tensor, t01: torch.Tensor, prefix_out: PrefixOutput) -> torch.Tensor:
         """Network output ``[B, H, D]`` for noisy chunk ``x [B, H, D]`` at time ``t01 [B]`` scaled to [0, 1]."""
@@ -126,8 +133,15 @@ class DiTHead(ActionHead):
         out = self.net(x_t, t01, prefix_out)
         return {"loss": masked_mean((out - target) ** 2, amask, pad)}
 
+    def velocity(self, backbone: Backbone, prefix_out: PrefixOutput, x: torch.Tensor, tau: torch.Tensor, **_: Any) -> torch.Tensor:
+        """Flow velocity ``[B, H, D]`` at noisy chunk ``x [B, H, D]``, flow time ``tau [B]`` (``objective="flow"``)."""
+        if self.cfg.objective != "flow":
+            raise NotImplementedError(f"dit with objective={self.cfg.objective!r} predicts noise, not a flow velocity")
+        return self.net(x, tau, prefix_out)
+
     def sample(self, backbone: Backbone, prefix_out: PrefixOutput, batch: dict, *, num_steps: int | None = None,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               layers: Any = None, guidance: Guidance | None = None) -> torch.Tensor:
         amask = batch["action_mask"].bool()[:, None, :]
         m = amask.to(prefix_out.hidden.dtype)
         B, steps = prefix_out.hidden.shape[0], num_steps or self.cfg.num_steps
@@ -136,7 +150,10 @@ class DiTHead(ActionHead):
                                 dtype=prefix_out.hidden.dtype)
         x = noise * m
         if self.cfg.objective == "flow":
-            return flow.euler_integrate(lambda z, tau: self.net(z, tau, prefix_out) * m, x, steps)
+            return flow.euler_integrate(lambda z, tau: self.velocity(backbone, prefix_out, z, tau) * m, x, steps,
+                                        guidance=guidance, mask=m)
+        if guidance is not None:
+            raise ValueError("guidance needs a flow velocity; dit with objective='diffusion' has none")
         sched = self._sampler()
         sched.set_timesteps(steps, device=x.device)
         T = self.cfg.train_timesteps

@@ -16,7 +16,7 @@ so what the expert sees for them never depends on data or noise; padded steps ar
 Sampling speed: what does not change across Euler steps (RoPE of the action positions, the key bias, the prefix KV
 placed in one preallocated ``[B, kv_heads, P + H, d]`` buffer per layer whose tail the actions' KV overwrites each step)
 is built once per chunk (:class:`SuffixCache`); the actions attend with :func:`attend_few`; ``layers`` may be
-:class:`~chunkpolicy.models.backbone.FusedLayer` snapshots. The expert reads only the backbone's keys/values, so the
+:class:`~chunkpolicy.models.fused.FusedLayer` snapshots. The expert reads only the backbone's keys/values, so the
 backbone's last-layer query and output projections, MLP and final norm are never used: they are frozen here (and skipped in
 :meth:`Backbone.encode_prefix` with ``hidden=False``), which also spares DDP's unused-parameter search.
 """
@@ -40,7 +40,7 @@ from chunkpolicy.models.embeddings import sinusoidal_embedding
 from chunkpolicy.models.fused import FusedLayer
 from chunkpolicy.models.masks import blockwise_mask, mask_bias
 from chunkpolicy.models.prefix import Prefix, PrefixOutput
-from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
+from chunkpolicy.models.heads.base import ActionHead, Guidance, HeadCapabilities, register_head
 from chunkpolicy.models.heads.configs import FlowExpertConfig
 from chunkpolicy.models.losses import masked_mean
 
@@ -63,6 +63,8 @@ class SuffixCache:
 
 @register_head("flow_expert")
 class FlowExpertHead(ActionHead):
+    inference_methods = ("velocity", "suffix_cache")  # per step; per chunk (~40 small kernels eager)
+
     @classmethod
     def capabilities(cls, cfg: FlowExpertConfig) -> HeadCapabilities:
         # reads only the per-layer keys/values: see the module docstring
@@ -105,7 +107,7 @@ class FlowExpertHead(ActionHead):
         self._step = torch.compile(_expert_step, **compile_kw)
 
     def fused_layers(self) -> list[FusedLayer]:
-        """Inference snapshots of the expert layers (see :class:`~chunkpolicy.models.backbone.FusedLayer`)."""
+        """Inference snapshots of the expert layers (see :class:`~chunkpolicy.models.fused.FusedLayer`)."""
         return [FusedLayer(layer) for layer in self.layers]
 
     # -- pieces ---------------------------------------------------------------------------------------------------
@@ -194,16 +196,17 @@ class FlowExpertHead(ActionHead):
 
     def sample(self, backbone: Backbone, prefix_out: PrefixOutput, batch: dict, *, num_steps: int | None = None,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-               layers: Sequence[nn.Module | FusedLayer] | None = None) -> torch.Tensor:
+               layers: Sequence[nn.Module | FusedLayer] | None = None, guidance: Guidance | None = None) -> torch.Tensor:
         amask = batch["action_mask"].bool()[:, None, :]
         pk0 = prefix_out.kv[0][0]
         if noise is None:
             noise = torch.randn(pk0.shape[0], self.horizon, self.action_dim, generator=generator, device=pk0.device, dtype=pk0.dtype)
         noise = noise * amask
         m = amask.to(noise.dtype)
-        cache = self.suffix_cache(backbone, prefix_out)
+        # guidance differentiates through the velocity: the in-place KV buffers are for gradient-free steps only
+        cache = self.suffix_cache(backbone, prefix_out, buffers=guidance is None and not torch.is_grad_enabled())
         return flow.euler_integrate(lambda x, t: self.velocity(backbone, prefix_out, x, t, cache=cache, layers=layers) * m,
-                                    noise, num_steps or self.cfg.num_steps)
+                                    noise, num_steps or self.cfg.num_steps, guidance=guidance, mask=m)
 
 
 def _scaling(layer: nn.Module | FusedLayer) -> float:

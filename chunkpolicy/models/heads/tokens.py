@@ -5,8 +5,10 @@ mapped onto the **last** ids of the backbone vocabulary (RT-2 / OpenVLA overwrit
 the vocabulary is reserved): ``[action ids | <act> | <end>]``. The backbone's own Gemma LM continues the cached prefix
 with ``<act> t_1 … t_n <end>`` (causal among action tokens, full view of the prefix) and the tied LM head predicts the
 next token; cross-entropy covers action tokens (and ``<end>``) only. Decoding is greedy and KV-cached, restricted to the
-reserved ids. A sequence that cannot be decoded is counted in ``last_invalid_count`` and flagged per sample in
-``last_valid``; its actions are zeros *and flagged*, never a silent zero.
+reserved ids. A sequence that cannot be decoded (wrong length, ids outside the tokenizer, ``<act>`` inside the chunk)
+yields a chunk of NaN on its valid dims — never a made-up action — and is flagged per sample in ``last_valid``
+(``last_invalid_count`` counts them); evaluation replaces such a chunk by the robot's do-nothing chunk and reports the
+rate (:mod:`chunkpolicy.evaluation.rollout`).
 
 Padded steps (``action_is_pad``): before tokenizing, they are overwritten with the last real action (a "hold"
 continuation), so whatever values sit there change nothing; for bins/μ-law their tokens are also left out of the loss.
@@ -14,6 +16,8 @@ FAST mixes steps in the DCT, so it keeps the hold continuation's tokens in the l
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 import numpy as np
@@ -150,7 +154,10 @@ class TokensHead(ActionHead):
         return torch.stack(out, 1)
 
     def sample(self, backbone: Backbone, prefix_out: PrefixOutput, batch: dict, *, num_steps: int | None = None,
-               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None, layers: Any = None,
+               guidance: Any = None) -> torch.Tensor:
+        if guidance is not None:
+            raise ValueError("guidance needs a flow velocity; the tokens head decodes discrete tokens")
         amask = batch["action_mask"].bool()
         B, D = amask.shape
         dims = amask.sum(1)
@@ -158,7 +165,8 @@ class TokensHead(ActionHead):
         toks = self.generate(backbone, prefix_out, max_new).cpu().numpy()
         V = self.tokenizer.vocab_size
         end = self.end_id - self.base  # <end> as a reserved-relative id (V + 1; V is <act>)
-        out = torch.zeros(B, self.horizon, D, dtype=prefix_out.hidden.dtype, device=amask.device)
+        # invalid samples stay NaN on their valid dims (invalid unified dims are 0 for every head)
+        out = torch.where(amask[:, None, :], float("nan"), 0.0).to(prefix_out.hidden.dtype).expand(B, self.horizon, D).clone()
         valid = torch.zeros(B, dtype=torch.bool)
         for i in range(B):
             seq = toks[i].tolist()
