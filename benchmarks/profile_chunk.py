@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--cameras", type=int, default=1)
     p.add_argument("--rows", type=int, default=30)
     a = p.parse_args()
-    policy = L.make_policy(a.preset, "flow_expert", {}, "cuda", torch.bfloat16)
+    policy = L.make_policy(a.preset, "flow_expert", "cuda", torch.bfloat16)
     obs = L.observation(a.cameras, 1, "cuda")
     for _ in range(3):
         policy.predict_unified(obs, num_steps=L.STEPS)

@@ -58,7 +58,7 @@ def train_batch(policy, B: int, device: str) -> dict:
 def ours_step(args, preset: str, B: int, mode: str, ckpt: bool):
     """(policy, optimizer, step) for one of the --modes (see the module docstring)."""
     dev = args.device
-    policy = L.make_policy(preset, "flow_expert", {}, dev, torch.float32 if mode == "fp32" else torch.bfloat16).train()
+    policy = L.make_policy(preset, "flow_expert", dev, torch.float32 if mode == "fp32" else torch.bfloat16).train()
     policy.backbone.set_gradient_checkpointing(ckpt)
     if mode in ("compiled", "graph"):
         policy.compile_layers()
@@ -94,7 +94,7 @@ def flops_per_sample(args, preset: str) -> float:
         return sdpa0(q, k, v, **kw)
 
     sdpa0 = attention.F.scaled_dot_product_attention
-    policy = L.make_policy(preset, "flow_expert", {}, args.device, torch.bfloat16).train()
+    policy = L.make_policy(preset, "flow_expert", args.device, torch.bfloat16).train()
     attention.F.scaled_dot_product_attention = sdpa  # F is torch.nn.functional: restored below
     try:
         with FlopCounterMode(display=False) as fc:
