@@ -31,9 +31,9 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from chunkpolicy.atomic import atomic_dir
+from chunkpolicy.delta_actions import DeltaActions
 from chunkpolicy.models.backbone import Backbone
 from chunkpolicy.models.backbone_config import backbone_config
-from chunkpolicy.delta_actions import DeltaActions
 from chunkpolicy.models.heads.base import Guidance, build_head
 from chunkpolicy.models.heads.configs import FlowExpertConfig, HeadConfig, as_head_config, head_config
 from chunkpolicy.models.tokenizer import build_char_tokenizer, load_tokenizer, tokenize_prompts
