@@ -334,6 +334,26 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         return self.space.unpad(self.predict_unified(observation, **kw), ids[0], "action")
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
+    # What the weights and the stats were built for is recorded in the files they belong to, so that from_pretrained
+    # can refuse a config.json edited afterwards (horizon, n_obs_steps, delta_actions, normalization, head, backbone):
+    #   model.safetensors metadata "built_for": horizon, n_obs_steps, head config, resolved backbone config
+    #   normalizer.json: "modes" (always written) and "delta_actions" {"enabled", "horizon", "dims": {emb: [names]}}
+    #   config.json "trained_on" (optional, set by training): the image size and cameras of the training data
+    _INFERENCE_HEAD_FIELDS = ("num_steps", "sampler")  # sampling choices a user may change after training
+
+    def _built_for(self) -> dict[str, Any]:
+        """What the weights were built for (``model.safetensors`` metadata)."""
+        bb = backbone_config(self.config.backbone, **self.config.backbone_overrides)
+        return {"horizon": int(self.config.horizon), "n_obs_steps": int(self.config.n_obs_steps),
+                "head": asdict(self.config.head), "backbone": asdict(bb)}
+
+    def _delta_record(self) -> dict[str, Any]:
+        """What the action stats were computed on (``normalizer.json`` ``delta_actions``): absolute actions, or deltas
+        over chunks of ``horizon`` steps on the named action dims of each embodiment."""
+        if not self.config.delta_actions:
+            return {"enabled": False}
+        return {"enabled": True, "horizon": int(self.config.horizon), "dims": _delta_dims(self.space)}
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:  # type: ignore[override]
         """Write ``config.json``, ``model.safetensors``, ``normalizer.json``, ``space.json`` and ``tokenizer/`` into a
         temp directory next to the target, then rename it into place (never a half-written checkpoint)."""
@@ -341,10 +361,14 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
 
         dst = Path(save_directory)
         with atomic_dir(dst) as tmp:
-            (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "policy": asdict(self.config)}, indent=2))
+            doc: dict[str, Any] = {"format_version": FORMAT_VERSION, "policy": asdict(self.config)}
+            if getattr(self, "trained_on", None):  # image size / cameras of the training data (set by training)
+                doc["trained_on"] = self.trained_on
+            (tmp / "config.json").write_text(json.dumps(doc, indent=2))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
-            (tmp / "normalizer.json").write_text(json.dumps(self.normalizer.to_dict()))
+            save_file(state, str(tmp / "model.safetensors"),
+                      metadata={"format_version": str(FORMAT_VERSION), "built_for": json.dumps(self._built_for())})
+            (tmp / "normalizer.json").write_text(json.dumps({**self.normalizer.to_dict(), "delta_actions": self._delta_record()}))
             (tmp / "space.json").write_text(json.dumps(self.space.to_dict(), indent=2))
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             extra = self.head.state_files()
@@ -380,9 +404,15 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             raise ValueError(f"{path / 'config.json'}: {e}") from None
         space = UnifiedSpace.from_dict(json.loads((path / "space.json").read_text()))
         norm = json.loads((path / "normalizer.json").read_text())
+        built_for = _read_built_for(path / "model.safetensors")
+        _cross_check(path, config, space, norm, built_for)
         tok_dir = path / "tokenizer"
         tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
         policy = cls(config, space, norm["stats"], tokenizer=tokenizer)
+        trained_on = cfg.get("trained_on")
+        if trained_on is not None and not isinstance(trained_on, dict):
+            raise ValueError(f"{path / 'config.json'}: trained_on must be a mapping, got {trained_on!r}")
+        policy.trained_on = trained_on
         if (path / "head").is_dir():
             policy.head.load_state_files({p.name: p.read_text() for p in (path / "head").iterdir()})
         try:
@@ -393,10 +423,108 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         miss = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
         wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        arch = _arch_diffs(path, config, built_for)
         if miss or extra or wrong:
             raise ValueError(
                 f"{path}: weights do not match config.json: missing {miss[:5]}, unexpected {extra[:5]}, "
                 f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}"
+                + ("".join(f"\n  {e}" for e in arch) if arch else
+                   " (policy.head / policy.backbone / policy.backbone_overrides in config.json, or space.json's dim, edited?)")
             )
+        _raise_disagreement(path, arch)
         policy.load_state_dict(state)
         return policy.to(map_location)
+
+
+def _delta_dims(space: UnifiedSpace) -> dict[str, list[str]]:
+    """``{embodiment: [action dims that are deltas]}`` as ``space`` defines them."""
+    return {spec.name: [n for n, m in zip(spec.action_names, spec.delta_action_mask()) if m] for spec in space.embodiments}
+
+
+def _read_built_for(path: Path) -> dict[str, Any] | None:
+    """The ``built_for`` record of ``model.safetensors`` (None for checkpoints written before it existed)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt or truncated ({e})") from e
+    if "built_for" not in meta:
+        return None
+    try:
+        rec = json.loads(meta["built_for"])
+        if not isinstance(rec, dict):
+            raise ValueError("not a mapping")
+    except ValueError as e:
+        raise ValueError(f"{path}: metadata 'built_for' is unreadable ({e})") from None
+    return rec
+
+
+def _cross_check(path: Path, config: PolicyConfig, space: UnifiedSpace, norm: Mapping[str, Any],
+                 built_for: Mapping[str, Any] | None) -> None:
+    """Raise one ValueError naming file and field for every way ``config.json`` disagrees with what the weights
+    (``model.safetensors`` metadata), the stats (``normalizer.json``) and the space (``space.json``) were built for.
+    Records missing from older checkpoints are skipped (their normalization modes are always checked)."""
+    cj, wf, nf, sf = (str(path / f) for f in ("config.json", "model.safetensors", "normalizer.json", "space.json"))
+    errs: list[str] = []
+
+    def differ(field: str, have: Any, other: str, key: str, want: Any) -> None:
+        errs.append(f"{cj}: policy.{field} is {have!r}, but {other} records {key} = {want!r}")
+
+    if built_for is not None:
+        for k in ("horizon", "n_obs_steps"):
+            if k in built_for and getattr(config, k) != built_for[k]:
+                differ(k, getattr(config, k), wf, f"built_for.{k}", built_for[k])
+    modes = norm.get("modes")
+    if not isinstance(modes, Mapping):
+        errs.append(f"{nf}: no 'modes' (the normalization modes the stats are applied with)")
+    else:
+        for key, field_ in (("action", "action_norm"), ("state", "state_norm")):
+            if key in modes and getattr(config, field_) != modes[key]:
+                differ(field_, getattr(config, field_), nf, f"modes.{key}", modes[key])
+    delta = norm.get("delta_actions")
+    if isinstance(delta, Mapping) and "enabled" in delta:
+        if bool(config.delta_actions) != bool(delta["enabled"]):
+            differ("delta_actions", config.delta_actions, nf, "delta_actions.enabled", bool(delta["enabled"]))
+        elif delta["enabled"]:
+            if "horizon" in delta and config.horizon != delta["horizon"]:
+                differ("horizon", config.horizon, nf, "delta_actions.horizon", delta["horizon"])
+            rec_dims = delta.get("dims") or {}
+            now = _delta_dims(space)
+            for emb in sorted(set(rec_dims) & set(now)):
+                if list(rec_dims[emb]) != now[emb]:
+                    errs.append(f"{sf}: embodiment {emb!r} makes action dims {now[emb]} deltas (gripper_dims / "
+                                f"absolute_dims / names), but {nf} delta_actions.dims.{emb} is {list(rec_dims[emb])}")
+    _raise_disagreement(path, errs)
+
+
+def _raise_disagreement(path: Path, errs: list[str], head: str = "checkpoint files disagree") -> None:
+    if errs:
+        raise ValueError(f"{path}: {head} (restore the edited file, or retrain):\n  " + "\n  ".join(errs))
+
+
+def _arch_diffs(path: Path, config: PolicyConfig, built_for: Mapping[str, Any] | None) -> list[str]:
+    """``config.json`` head / backbone fields that differ from what ``model.safetensors`` was built for (sampling
+    choices such as ``num_steps`` may change; empty for checkpoints written before the record existed)."""
+    if built_for is None:
+        return []
+    cj, wf = str(path / "config.json"), str(path / "model.safetensors")
+    errs: list[str] = []
+    rec_head = built_for.get("head")
+    if isinstance(rec_head, Mapping):
+        have = json.loads(json.dumps(asdict(config.head)))  # as recorded: tuples become lists
+        for k in sorted(set(have) | set(rec_head)):
+            if k not in ChunkPolicy._INFERENCE_HEAD_FIELDS and have.get(k) != rec_head.get(k):
+                errs.append(f"{cj}: policy.head.{k} is {have.get(k)!r}, but {wf} records built_for.head.{k} = {rec_head.get(k)!r}")
+    rec_bb = built_for.get("backbone")
+    if isinstance(rec_bb, Mapping):
+        try:
+            have = json.loads(json.dumps(asdict(backbone_config(config.backbone, **config.backbone_overrides))))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{cj}: policy.backbone / policy.backbone_overrides: {e}") from None
+        for k in sorted(set(have) | set(rec_bb)):
+            if have.get(k) != rec_bb.get(k):
+                errs.append(f"{cj}: policy.backbone {config.backbone!r} + backbone_overrides gives {k} = "
+                            f"{have.get(k)!r}, but {wf} records built_for.backbone.{k} = {rec_bb.get(k)!r}")
+    return errs

@@ -1,9 +1,9 @@
 """Prompt tokenizers: a real one from a local directory, or a character-level one built offline.
 
 Never touches the hub: :func:`load_tokenizer` takes a local directory (``AutoTokenizer.from_pretrained(dir)``, e.g. a
-PaliGemma tokenizer the user downloaded). :func:`build_char_tokenizer` makes a deterministic character tokenizer with
-the ``tokenizers`` library for tests, the quickstart and small models trained from scratch; it is saved with the
-checkpoint like any other tokenizer.
+PaliGemma tokenizer the user downloaded) and never runs custom code shipped with a tokenizer (refused, no prompt).
+:func:`build_char_tokenizer` makes a deterministic character tokenizer with the ``tokenizers`` library for tests, the
+quickstart and small models trained from scratch; it is saved with the checkpoint like any other tokenizer.
 
 Special tokens follow the tokenizer's own convention (its post-processor / ``add_bos_token``): a Gemma / PaliGemma
 tokenizer puts ``<bos>`` first, as π0 does; the character tokenizer adds nothing. A prompt longer than
@@ -35,11 +35,35 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Tokenizer from a local directory (no network)."""
+    """Tokenizer from a local directory (no network), never running code shipped with it.
+
+    A tokenizer that needs custom code (an ``auto_map`` in its ``tokenizer_config.json`` or ``config.json``) is
+    refused with a ``ValueError`` naming the directory: loading it would execute Python from the checkpoint (and
+    ``transformers`` would ask an interactive y/N question). ``trust_remote_code=False`` is passed explicitly."""
+    import json
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist (tokenizers load from local directories only)")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    for name in ("tokenizer_config.json", "config.json"):
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            doc = json.loads(f.read_text())
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{f}: unreadable JSON ({e})") from None
+        amap = doc.get("auto_map") if isinstance(doc, dict) else None
+        if amap:
+            raise ValueError(f"tokenizer directory {path}: {name} has an auto_map {amap!r}, i.e. the tokenizer needs custom "
+                             "code shipped with it; chunkpolicy never runs such code (no trust_remote_code). Save a "
+                             "standard transformers tokenizer (e.g. PreTrainedTokenizerFast) into that directory instead")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise ValueError(f"tokenizer directory {path}: needs custom code, which chunkpolicy never runs ({e})") from None
+        raise
 
 
 def _encode(tokenizer, prompts, max_length: int) -> dict[str, list[list[int]]]:
