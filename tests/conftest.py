@@ -15,3 +15,9 @@ torch.set_num_threads(2)
 def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """The do-nothing baseline cache (chunkpolicy.evaluation.cli) of each test lives in its own directory."""
+    monkeypatch.setenv("CHUNKPOLICY_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
