@@ -9,7 +9,14 @@ directory ``OUTPUT_DIR`` (its latest checkpoint is used). The env renders frames
 
 Writes into ``--out``: ``results.json`` (per-task success with 95% Wilson intervals and the mean, every episode, the
 command), ``results.md`` (the table), ``success.png`` (bar chart) and ``videos/<method>_<task>_<k>.mp4``.
-``--baseline`` also evaluates a do-nothing policy on the same seeds, so the table shows what the policy adds.
+``--baseline`` also evaluates a do-nothing policy on the same seeds, so the table shows what the policy adds. The
+do-nothing policy rarely succeeds, so it runs nearly every episode to the step limit (about as long as the policy's
+rollouts); its episodes are cached per (env, tasks, seeds, episode limit, executor, horizon, env options) under
+``$CHUNKPOLICY_CACHE_DIR`` (default ``~/.cache/chunkpolicy``)``/baseline/`` and reused (no baseline videos then);
+``--no-baseline-cache`` recomputes. The output states what the baseline cost (or that it came from the cache).
+``results.json`` and ``results.md`` are written before the plot and the videos: a plot or video that fails to encode
+is a warning (in the output and ``results.json["warnings"]``), and an evaluation killed while writing videos keeps
+its results.
 A checkpoint whose head may fail to produce a chunk (``tokens``: an invalid token decode) runs the do-nothing chunk
 instead for that chunk; the report gives the invalid-decode rate per task and overall (also when it is 0).
 Executors: ``open_loop:K`` (run K actions, re-plan), ``temporal_ensemble:M`` (ACT, w_i = exp(-M·i), i = 0 the
@@ -44,11 +51,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-steps", type=int, default=None, help="denoising / integration steps (default: the head's)")
     p.add_argument("--baseline", action="store_true", help="also evaluate a do-nothing policy on the same seeds")
     p.add_argument("--baseline-only", action="store_true", help="evaluate only the do-nothing policy (no checkpoint)")
+    p.add_argument("--no-baseline-cache", action="store_true",
+                   help="recompute the do-nothing baseline instead of reusing cached episodes")
     p.add_argument("--videos", type=int, default=1, help="episodes per task and method saved as MP4 (default 1)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+BASELINE_CACHE_VERSION = 1  # bump when the do-nothing policy, the executors or the simulators change behaviour
+
+
+def _baseline_key(env: str, tasks: Sequence[str], seed: int, episodes: int, executor: str, horizon: int,
+                  env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the do-nothing episodes depend on (not the cameras or the image size: the baseline never looks)."""
+    opts = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(env_kwargs.items())
+            if k not in ("cameras", "image_size")}
+    return {"version": BASELINE_CACHE_VERSION, "env": env, "tasks": list(tasks), "seed": int(seed),
+            "episodes": int(episodes), "executor": executor, "horizon": int(horizon), "env_options": opts}
+
+
+def baseline_cache_dir() -> Path:
+    return Path(os.environ.get("CHUNKPOLICY_CACHE_DIR") or Path.home() / ".cache" / "chunkpolicy") / "baseline"
+
+
+def baseline_cache_path(env: str, tasks: Sequence[str], seed: int, episodes: int, executor: str, horizon: int,
+                        env_kwargs: dict[str, Any]) -> Path:
+    import hashlib
+    import json
+
+    key = json.dumps(_baseline_key(env, tasks, seed, episodes, executor, horizon, env_kwargs), sort_keys=True)
+    return baseline_cache_dir() / f"{env}_{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
+def _read_baseline_cache(path: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+        return doc if isinstance(doc.get("episodes"), list) and "wall_s" in doc else None
+    except (OSError, ValueError, AttributeError):
+        return None  # missing or unreadable: recompute
 
 
 def _tasks(env: str, arg: str) -> list[str]:
@@ -79,6 +123,7 @@ def run_eval(
     out: str | os.PathLike = "runs/eval",
     progress: bool = True,
     command: str | None = None,
+    baseline_cache: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (and/or the do-nothing baseline) and write the report; returns the results dict.
 
@@ -144,31 +189,68 @@ def run_eval(
     records: dict[str, list[dict]] = {}
     video_paths: list[str] = []
     wall: dict[str, float] = {}
-    all_res = evaluate(methods, env, tasks, episodes, executor, num_envs=num_envs, workers=workers, seed=seed,
-                       video_episodes=videos, env_kwargs=env_kwargs, progress=progress)
+    warnings: list[str] = []
+    baseline_info: dict[str, Any] = {}
+    cache_path = None
+    cached = None
+    if baseline and baseline_cache:
+        cache_path = baseline_cache_path(env, tasks, seed, episodes, executor, horizon, env_kwargs)
+        cached = _read_baseline_cache(cache_path)
+    to_run = [m for m in methods if not (m.checkpoint is None and cached is not None)]
+    all_res = evaluate(to_run, env, tasks, episodes, executor, num_envs=num_envs, workers=workers, seed=seed,
+                       video_episodes=videos, env_kwargs=env_kwargs, progress=progress) if to_run else {}
+    if cached is not None:
+        all_res["do-nothing"] = {"episodes": cached["episodes"], "videos": {}, "wall_s": 0.0}
+        baseline_info = {"cached": True, "cache": str(cache_path), "rollout_s_when_computed": cached["wall_s"]}
+    elif baseline:
+        baseline_info = {"cached": False, "cache": None if cache_path is None else str(cache_path),
+                         "rollout_s": all_res["do-nothing"]["wall_s"]}
+        if cache_path is not None:
+            try:
+                write_json_atomic({"key": _baseline_key(env, tasks, seed, episodes, executor, horizon, env_kwargs),
+                                   "episodes": all_res["do-nothing"]["episodes"],
+                                   "wall_s": all_res["do-nothing"]["wall_s"]}, cache_path)
+            except OSError as e:  # a cache that cannot be written never fails an evaluation
+                warnings.append(f"could not write the do-nothing baseline cache {cache_path}: {e}")
+    all_res = {m.name: all_res[m.name] for m in methods}  # report order: policy first
     for name, res in all_res.items():
         records[name], wall[name] = res["episodes"], res["wall_s"]
         per_method[name] = {t: [r["success"] for r in res["episodes"] if r["task"] == t] for t in tasks}
-        for task, clips in res["videos"].items():
-            for k, frames in enumerate(clips):
-                if frames:
-                    p = write_mp4(frames, out / "videos" / f"{name}_{task}_{k}.mp4", fps=min(spec.control_hz, 30.0))
-                    video_paths.append(str(p))
 
     invalid = {name: invalid_counts(recs) for name, recs in records.items()
                if may_fail.get(name) or any(r["invalid_chunks"] for r in recs)}
     summary = summarize(per_method, invalid)
     table = markdown_table(summary)
-    plot = bar_chart(summary, out / "success.png",
-                     title=f"{env}: success rate, 95% Wilson CI ({episodes} episodes/task, {ex_spec})")
     results = {
         "command": command, "checkpoint": None if checkpoint is None else str(checkpoint), "env": env,
         "tasks": list(tasks), "episodes_per_task": episodes, "executor": ex_spec, "seed": seed,
         "env_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in env_kwargs.items()},
-        "summary": summary, "episodes": records, "rollout_s": wall, "videos": video_paths, "plot": str(plot),
+        "summary": summary, "episodes": records, "rollout_s": wall, "baseline": baseline_info or None,
+        "videos": video_paths, "plot": str(out / "success.png"), "warnings": warnings,
     }
+    # the results first: the plot and the videos below may fail (a warning each) or be interrupted without losing them
+    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results, out / "results.json")
     (out / "results.md").write_text(table + "\n")
+    try:
+        bar_chart(summary, out / "success.png",
+                  title=f"{env}: success rate, 95% Wilson CI ({episodes} episodes/task, {ex_spec})")
+    except Exception as e:  # noqa: BLE001 - a plot never loses an evaluation
+        warnings.append(f"could not write success.png: {type(e).__name__}: {e}")
+    for name, res in all_res.items():
+        for task, clips in res["videos"].items():
+            for k, frames in enumerate(clips):
+                if not frames:
+                    continue
+                path = out / "videos" / f"{name}_{task}_{k}.mp4"
+                try:
+                    video_paths.append(str(write_mp4(frames, path, fps=min(spec.control_hz, 30.0))))
+                except Exception as e:  # noqa: BLE001 - a video never loses an evaluation
+                    warnings.append(f"could not write {path}: {type(e).__name__}: {e}")
+    if video_paths or warnings:
+        write_json_atomic(results, out / "results.json")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     return results
 
 
@@ -186,9 +268,18 @@ def format_results(results: dict[str, Any]) -> str:
             rate = m["mean"]["invalid_rate"]
             lines.append(f"{name}: invalid decodes {m['mean']['invalid_chunks']}/{m['mean']['chunks']} chunks"
                          + (f" ({100 * rate:.1f}%)" if rate is not None else "") + ", each replaced by a do-nothing chunk")
-    times = ", ".join(f"{k} {v:.0f}s" for k, v in results["rollout_s"].items())  # summed over workers
+    b = results.get("baseline") or {}
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in results["rollout_s"].items()
+                      if not (k == "do-nothing" and b.get("cached")))  # summed over workers
+    if b.get("cached"):
+        times += (", " if times else "") + (f"do-nothing 0s (cached {b['cache']}; computing it took "
+                                            f"{b['rollout_s_when_computed']:.0f}s)")
+    elif b:
+        times += f" (do-nothing cost {b['rollout_s']:.0f}s" + (f", cached in {b['cache']})" if b.get("cache") else ")")
     out = Path(results["plot"]).parent
     lines.append(f"rollout time: {times}. Saved {out}/results.json, results.md, success.png and {len(results['videos'])} videos.")
+    for w in results.get("warnings") or []:
+        lines.append(f"warning: {w}")
     return "\n".join(lines)
 
 
@@ -205,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            episodes=a.episodes, executor=a.executor, num_envs=a.num_envs, workers=a.workers, seed=a.seed,
                            image_size=None if a.image_size is None else tuple(a.image_size), max_steps=a.max_steps, num_steps=a.num_steps,
                            baseline=a.baseline or a.baseline_only, videos=a.videos, device=a.device, out=a.out,
-                           progress=not a.no_progress, command="chunkpolicy eval " + shlex.join(argv))
+                           progress=not a.no_progress, baseline_cache=not a.no_baseline_cache, command="chunkpolicy eval " + shlex.join(argv))
     except (FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chunkpolicy eval: error: {msg}", file=sys.stderr)
