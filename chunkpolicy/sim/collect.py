@@ -112,6 +112,13 @@ def _open_store(out: Path, spec: Any, fps: float, image_shapes: dict[str, tuple[
         if got != image_shapes:
             raise ValueError(f"resume: {out} has image shapes {got}, this collection renders {image_shapes}")
         return store
+    if out.exists() and not overwrite:
+        try:
+            held = f"its {len(EpisodeStore.open(out))} episodes are kept"
+        except (ValueError, KeyError, OSError):
+            held = "what it holds is kept"
+        raise FileExistsError(f"{out} already exists (e.g. from an interrupted collect): rerun with --resume to continue "
+                              f"it ({held}; (task, seed) pairs already collected are skipped), or pick another --out")
     return EpisodeStore.create(out, spec, fps=fps, image_shapes=image_shapes, overwrite=overwrite)
 
 
@@ -200,8 +207,9 @@ def collect(
             else:
                 st["successes"] += int(res["success"])
                 st["steps"].append(res["steps"])
-                if res["episode"] is not None:
-                    store.append_episode(res["episode"], seed=res["seed"])
+                # on resume, another `collect --resume` on this store may have written this (task, seed) meanwhile
+                dedup = {"if_absent": True} if resume else {}
+                if res["episode"] is not None and store.append_episode(res["episode"], seed=res["seed"], **dedup) is not None:
                     st["kept"] += 1
                     written += 1
                     frames += res["steps"]
