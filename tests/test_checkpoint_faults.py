@@ -196,3 +196,97 @@ def test_checkpoint_with_custom_code_tokenizer_never_prompts(tmp_path):
     assert f"tokenizer directory {ck / 'tokenizer'}" in r.stdout and "custom code" in r.stdout
     assert "[y/N]" not in r.stdout + r.stderr
     assert not marker.exists()
+
+
+# -- what training records about its inputs -------------------------------------------------------------------------
+def test_training_records_image_size_and_cameras(tmp_path):
+    import yaml
+
+    from chunkpolicy.config import load_config
+    from chunkpolicy.data.synthetic import make_spec, make_synthetic_store
+    from chunkpolicy.training.experiment import prepare
+
+    arm = make_spec("arm7", action_dim=7, state_dim=8, cameras=("top", "wrist"))
+    store = make_synthetic_store(tmp_path / "arm7.zarr", arm, n_episodes=2, episode_len=8, image_hw=(24, 24), seed=0)
+    cfg = {"model": {"backbone": "tiny", "head": "flow_expert", "horizon": 4, "max_prompt_tokens": 24},
+           "data": {"datasets": [{"path": str(store.path), "cameras": ["wrist"]}], "image_size": [16, 20],
+                    "val_fraction": 0.0},
+           "train": {"steps": 1, "batch_size": 2, "output_dir": str(tmp_path / "run"), "progress": False}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    prep = prepare(load_config(tmp_path / "cfg.yaml"), log=lambda s: None)
+    want = {"image_size": [16, 20], "n_cameras": 1, "cameras": {"arm7": ["wrist"]}}
+    assert prep.policy.trained_on == want
+    ck = prep.policy.save_pretrained(tmp_path / "ck")
+    assert json.loads((ck / "config.json").read_text())["trained_on"] == want
+    assert ChunkPolicy.from_pretrained(ck).trained_on == want
+
+
+# -- evaluation inputs --------------------------------------------------------------------------------------------
+def _mw_run(tmp_path, trained_on=None) -> Path:
+    """A run directory with two checkpoints of a tiny Meta-World policy (as training lays them out)."""
+    pytest.importorskip("metaworld", reason="`metaworld` is not installed (install the `sim` extra)")
+    import numpy as np
+
+    from chunkpolicy.models.policy import PolicyConfig
+    from chunkpolicy.normalize import compute_stats
+    from chunkpolicy.sim.base import env_spec
+    from chunkpolicy.spaces import UnifiedSpace
+
+    spec = env_spec("metaworld")
+    rng = np.random.default_rng(0)
+    stats = {spec.name: {"action": compute_stats(rng.uniform(-1, 1, (100, 4))),
+                         "state": compute_stats(rng.uniform(0, 1, (100, 4)))}}
+    torch.manual_seed(0)
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", horizon=4), UnifiedSpace(32, "pad", embodiments=[spec]), stats)
+    policy.trained_on = trained_on
+    run = tmp_path / "run"
+    for step in (5, 10):
+        policy.save_pretrained(run / "checkpoints" / f"step_{step:06d}")
+    return run
+
+
+def test_eval_image_size_mismatch_is_one_error_before_any_rollout(tmp_path, capsys):
+    from chunkpolicy.evaluation.cli import main as eval_main
+    from chunkpolicy.evaluation.cli import run_eval
+
+    run = _mw_run(tmp_path, {"image_size": [32, 32], "n_cameras": 1})
+    with pytest.raises(ValueError, match=r"image_size: env 'metaworld' would render 48x40 frames, but the policy was "
+                                         r"trained on 32x32 images \(trained_on\.image_size"):
+        run_eval(run, "metaworld", ["reach-v3"], episodes=1, image_size=(48, 40), out=tmp_path / "e", progress=False,
+                 device="cpu")
+    assert not (tmp_path / "e").exists()
+    rc = eval_main(["--checkpoint", str(run), "--env", "metaworld", "--tasks", "reach-v3", "--image-size", "48", "40",
+                    "--out", str(tmp_path / "e"), "--no-progress", "--device", "cpu"])
+    assert rc == 2 and "trained_on.image_size" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_cameras_other_than_training_are_refused(tmp_path):
+    from chunkpolicy.evaluation.cli import run_eval
+    from chunkpolicy.sim.base import env_spec
+
+    pytest.importorskip("metaworld", reason="`metaworld` is not installed (install the `sim` extra)")
+    run = _mw_run(tmp_path, {"image_size": [32, 32], "cameras": {env_spec("metaworld").name: ["no_such_camera"]}})
+    with pytest.raises(ValueError, match=r"cameras: the policy was trained on cameras \['no_such_camera'\].*trained_on\.cameras"):
+        run_eval(run, "metaworld", ["reach-v3"], episodes=1, out=tmp_path / "e", progress=False, device="cpu")
+
+
+def test_eval_run_dir_resolves_to_latest_checkpoint_at_its_image_size(tmp_path, capsys):
+    from chunkpolicy.evaluation.cli import build_parser, run_eval
+
+    run = _mw_run(tmp_path, {"image_size": [32, 32], "n_cameras": 1})
+    res = run_eval(run, "metaworld", ["reach-v3"], episodes=1, executor="open_loop:2", num_envs=1, max_steps=2, videos=0,
+                   out=tmp_path / "e", progress=False, device="cpu")
+    assert res["checkpoint"] == str(run / "checkpoints" / "step_000010")
+    assert res["env_kwargs"]["image_size"] == [32, 32]  # the checkpoint's, not a fixed default
+    assert res["summary"]["policy"]["mean"]["n"] == 1
+    help_text = build_parser().format_help()
+    assert "runs/NAME/final" not in help_text and "latest checkpoint" in help_text
+    with pytest.raises(FileNotFoundError, match="not a chunkpolicy checkpoint"):
+        run_eval(tmp_path / "empty_run", "metaworld", ["reach-v3"], episodes=1, out=tmp_path / "e2", progress=False)
+
+
+def test_readme_points_at_paths_training_writes():
+    readme = (REPO / "README.md").read_text()
+    assert "runs/NAME/final" not in readme and "/final" not in readme
+    assert "latest checkpoints/step_XXXXXX" in readme

@@ -1,7 +1,11 @@
 """``chunkpolicy eval`` / ``python eval.py``: closed-loop success of a checkpoint in a simulator.
 
-    python eval.py --checkpoint runs/tiny_flow/final --env metaworld --tasks push-v3,reach-v3 --episodes 20 \\
+    python eval.py --checkpoint runs/tiny_flow --env metaworld --tasks push-v3,reach-v3 --episodes 20 \\
         --executor temporal_ensemble:0.01 --baseline --out runs/eval
+
+``--checkpoint`` takes a checkpoint directory (training writes ``OUTPUT_DIR/checkpoints/step_XXXXXX``) or a run
+directory ``OUTPUT_DIR`` (its latest checkpoint is used). The env renders frames of the size the training data had
+(recorded in the checkpoint); an ``--image-size`` that differs is an error before any rollout.
 
 Writes into ``--out``: ``results.json`` (per-task success with 95% Wilson intervals and the mean, every episode, the
 command), ``results.md`` (the table), ``success.png`` (bar chart) and ``videos/<method>_<task>_<k>.mp4``.
@@ -31,7 +35,8 @@ from typing import Any, Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chunkpolicy eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="policy directory written by save_pretrained (e.g. runs/NAME/final)")
+    p.add_argument("--checkpoint", help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_XXXXXX, or any save_pretrained "
+                   "directory) or a training run directory OUTPUT_DIR (its latest checkpoint), e.g. runs/NAME")
     p.add_argument("--env", required=True, help="metaworld | fetch | pusht")
     p.add_argument("--tasks", required=True, help="comma-separated task names (metaworld: MT10 / MT50 allowed)")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
@@ -39,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-envs", type=int, default=4, help="envs stepped in lockstep per batch (default 4)")
     p.add_argument("--workers", type=int, default=0, help="worker processes for rollouts (0: this process)")
     p.add_argument("--seed", type=int, default=None, help="first episode seed (default 100000: held out from collection)")
-    p.add_argument("--image-size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"), help="as the training data")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="frame size the env renders (default: the checkpoint's training image size; 64 64 without a "
+                   "checkpoint); a size other than the training data's is an error")
     p.add_argument("--max-steps", type=int, default=None, help="episode limit (default: the env's)")
     p.add_argument("--num-steps", type=int, default=None, help="denoising / integration steps (default: the head's)")
     p.add_argument("--baseline", action="store_true", help="also evaluate a do-nothing policy on the same seeds")
@@ -107,7 +114,7 @@ def run_eval(
     num_envs: int = 4,
     workers: int = 0,
     seed: int | None = None,
-    image_size: tuple[int, int] = (64, 64),
+    image_size: tuple[int, int] | None = None,
     max_steps: int | None = None,
     num_steps: int | None = None,
     baseline: bool = False,
@@ -120,12 +127,13 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (and/or the do-nothing baseline) and write the report; returns the results dict.
 
-    ``checkpoint=None`` evaluates the baseline only. Raises ``ValueError`` before any rollout if the env's
-    embodiment is not one the policy was trained on."""
+    ``checkpoint=None`` evaluates the baseline only; a run directory is resolved to its latest checkpoint. Raises
+    ``ValueError`` before any rollout if the env's embodiment is not one the policy was trained on, or ``image_size``
+    (default: the checkpoint's training image size) differs from the training data's."""
     import torch
 
     from chunkpolicy.evaluation.report import bar_chart, invalid_counts, markdown_table, summarize, write_json_atomic
-    from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_embodiment, evaluate
+    from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_embodiment, evaluate, trained_image_size
     from chunkpolicy.evaluation.video import write_mp4
     from chunkpolicy.runtime.executors import check_executor, make_executor
     from chunkpolicy.sim.base import env_check_task, env_spec, setup_headless_gl
@@ -138,7 +146,15 @@ def run_eval(
         raise ValueError("tasks: expected at least one task")
     seed = EVAL_SEED if seed is None else int(seed)
     out = Path(out)
-    env_kwargs: dict[str, Any] = {"image_size": tuple(int(x) for x in image_size)}
+    if checkpoint is not None:
+        from chunkpolicy.config import resolve_checkpoint
+
+        ck = resolve_checkpoint(checkpoint)
+        if ck is None:
+            raise FileNotFoundError(f"{checkpoint}: not a chunkpolicy checkpoint (no config.json + model.safetensors) nor "
+                                    "a run directory with checkpoints/step_* in it")
+        checkpoint = ck
+    env_kwargs: dict[str, Any] = {"image_size": None if image_size is None else tuple(int(x) for x in image_size)}
     if max_steps is not None:
         env_kwargs["max_steps"] = int(max_steps)
     ex_spec = make_executor(executor).spec()
@@ -151,7 +167,9 @@ def run_eval(
 
         dev = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         policy = ChunkPolicy.from_pretrained(checkpoint, map_location="cpu")  # fails early on a bad checkpoint
-        spec = check_embodiment(policy, env, env_kwargs)
+        if env_kwargs["image_size"] is None:
+            env_kwargs["image_size"] = trained_image_size(policy)
+        spec = check_embodiment(policy, env, env_kwargs)  # embodiment, cameras and image size
         env_kwargs["cameras"] = tuple(spec.cameras)
         horizon = policy.config.horizon
         check_executor(ex_spec, policy.head.caps, type(policy.head).__name__)
@@ -161,6 +179,8 @@ def run_eval(
         check_prompts(policy.tokenizer, [env_task_prompt(env, t) for t in tasks], policy.config.max_prompt_tokens)
         del policy
         methods.append(Method("policy", str(checkpoint), horizon, num_steps, ex_spec.startswith("rtc"), dev))
+    if env_kwargs["image_size"] is None:
+        env_kwargs["image_size"] = (64, 64)
     if baseline:
         methods.append(Method("do-nothing", None, horizon))
     spec = env_spec(env, **{k: v for k, v in env_kwargs.items() if k == "cameras"})
@@ -274,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run_eval(None if a.baseline_only else a.checkpoint, a.env, _tasks(a.env, a.tasks),
                            episodes=a.episodes, executor=a.executor, num_envs=a.num_envs, workers=a.workers, seed=a.seed,
-                           image_size=tuple(a.image_size), max_steps=a.max_steps, num_steps=a.num_steps,
+                           image_size=None if a.image_size is None else tuple(a.image_size), max_steps=a.max_steps, num_steps=a.num_steps,
                            baseline=a.baseline or a.baseline_only, videos=a.videos, device=a.device, out=a.out,
                            progress=not a.no_progress, baseline_cache=not a.no_baseline_cache, command="chunkpolicy eval " + shlex.join(argv))
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -3,7 +3,10 @@
 The pieces, each usable on its own:
 
 * :func:`check_embodiment` — the env's embodiment must be one the policy was trained on, with the same action/state
-  names and cameras; otherwise a ``ValueError`` that says what differs.
+  names and cameras, rendering frames of the size the training data had (``trained_on`` in the checkpoint's
+  ``config.json``, when training recorded it); otherwise a ``ValueError`` that says what differs.
+* :func:`trained_image_size` — the ``(h, w)`` the policy's training data had (the backbone's image size for
+  checkpoints that did not record it: what training uses unless ``data.image_size`` was set).
 * :func:`policy_predict_fn` — ``predict_fn(list of B env obs, **executor_kwargs) -> [B, H, A]`` (robot units) for the
   executors of :mod:`chunkpolicy.runtime`; keeps the observation history when the policy uses ``T_obs > 1``.
   **Invalid chunks.** A head that may fail (``policy.head.caps.may_fail``, e.g. ``tokens``: an invalid token decode)
@@ -37,7 +40,7 @@ from chunkpolicy.runtime.executors import make_executor
 from chunkpolicy.sim.base import EnvPool, Obs, env_check_task, env_spec, make_env, obs_to_batch
 from chunkpolicy.spaces import EmbodimentSpec
 
-__all__ = ["Method", "check_embodiment", "policy_predict_fn", "do_nothing_predict_fn", "run_batch", "evaluate", "frame_of",
+__all__ = ["Method", "check_embodiment", "trained_image_size", "policy_predict_fn", "do_nothing_predict_fn", "run_batch", "evaluate", "frame_of",
            "EVAL_SEED"]
 
 EVAL_SEED = 100_000  # far above the seeds `collect` uses (0, 1, ...): evaluation scenes are held out by default
@@ -60,7 +63,28 @@ def check_embodiment(policy: Any, env_name: str, env_kwargs: dict[str, Any] | No
                              f"and env {env_name!r} {list(getattr(probe, field))}")
     if env_kwargs and "cameras" in env_kwargs and tuple(env_kwargs["cameras"]) != tuple(spec.cameras):
         raise ValueError(f"cameras: the policy was trained on {list(spec.cameras)}, asked for {list(env_kwargs['cameras'])}")
+    trained = getattr(policy, "trained_on", None) or {}
+    cams = (trained.get("cameras") or {}).get(spec.name)
+    if cams is not None and list(cams) != list(spec.cameras):
+        raise ValueError(f"cameras: the policy was trained on cameras {list(cams)} of {spec.name!r} (trained_on.cameras in "
+                         f"the checkpoint's config.json), but evaluation would feed {list(spec.cameras)} (space.json)")
+    hw = trained.get("image_size")
+    if hw is not None and env_kwargs and "image_size" in env_kwargs and tuple(env_kwargs["image_size"]) != tuple(hw):
+        h, w = env_kwargs["image_size"]
+        raise ValueError(f"image_size: env {env_name!r} would render {h}x{w} frames, but the policy was trained on "
+                         f"{hw[0]}x{hw[1]} images (trained_on.image_size in the checkpoint's config.json); pass "
+                         f"--image-size {hw[0]} {hw[1]}, or leave --image-size out to use the checkpoint's")
     return spec
+
+
+def trained_image_size(policy: Any) -> tuple[int, int]:
+    """``(h, w)`` of the policy's training frames: ``trained_on.image_size`` from the checkpoint, else the backbone's
+    square image size (what training resizes to unless ``data.image_size`` was set)."""
+    hw = (getattr(policy, "trained_on", None) or {}).get("image_size")
+    if hw is not None:
+        return int(hw[0]), int(hw[1])
+    s = int(policy.backbone.config.image_size)
+    return s, s
 
 
 def _history_batch(history: Sequence[list[Obs]], policy: Any, spec: EmbodimentSpec, prompts: list[str]) -> dict:

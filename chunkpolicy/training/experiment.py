@@ -158,6 +158,20 @@ def _windows(cfg: ExperimentConfig, mcfg: PolicyConfig, space: UnifiedSpace, sto
     return out, weights
 
 
+def _trained_on(cfg: ExperimentConfig, stores: list[EpisodeStore], image_size: tuple[int, int],
+                n_cameras: int) -> dict[str, Any]:
+    """What the policy's inputs looked like in training (``trained_on`` in the checkpoint's ``config.json``): the frame
+    size, the camera slots and, per embodiment, the cameras in slot order (left out for an embodiment whose datasets
+    use different cameras)."""
+    cams: dict[str, list[str] | None] = {}
+    for ds, store in zip(cfg.data.datasets, stores):
+        used = list(ds.cameras) if ds.cameras is not None else list(store.spec.cameras)
+        name = store.spec.name
+        cams[name] = used if cams.get(name, used) == used else None
+    return {"image_size": [int(image_size[0]), int(image_size[1])], "n_cameras": int(n_cameras),
+            "cameras": {k: v for k, v in cams.items() if v is not None}}
+
+
 def prepare(cfg: ExperimentConfig, resume: bool = False, *, log: Callable[[str], None] = print) -> Prepared:
     """Everything the trainer needs (see the module docstring)."""
     from chunkpolicy.models.backbone_config import backbone_config
@@ -207,6 +221,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, *, log: Callable[[str],
         policy = ChunkPolicy(mcfg_eff, space, stats)
         if cfg.model.pretrained_backbone:
             policy.backbone.load_pretrained_weights(cfg.model.pretrained_backbone)
+    policy.trained_on = _trained_on(cfg, stores, image_size, n_cams)  # saved in config.json; eval checks its inputs
     from chunkpolicy.models.tokenizer import check_prompts  # every task prompt fits (an error before step 1, never cut)
     check_prompts(policy.tokenizer, [t for s in stores for t in s.tasks], policy.config.max_prompt_tokens)
     # before apply_mode: LoRA's export copy must carry the fitted head state too
