@@ -16,17 +16,14 @@ def _data(args: argparse.Namespace) -> int:
     if args.data_cmd == "info":
         print(commands.data_info(args.store))
     elif args.data_cmd == "import-lerobot":
-        commands.cmd_import_lerobot(args.root, args.out, repo_id=args.repo_id, embodiment_name=args.embodiment)
+        commands.cmd_import_lerobot(
+            args.root, args.out, repo_id=args.repo_id, embodiment_name=args.embodiment, overwrite=args.overwrite,
+            allow_metadata_mismatch=args.allow_metadata_mismatch,
+        )
     elif args.data_cmd == "export-lerobot":
-        commands.cmd_export_lerobot(args.store, args.root, repo_id=args.repo_id, use_videos=args.videos)
+        commands.cmd_export_lerobot(args.store, args.root, repo_id=args.repo_id, use_videos=args.videos, overwrite=args.overwrite)
     elif args.data_cmd == "stats":
         commands.cmd_stats(args.store)
-    elif args.data_cmd == "verify":
-        try:
-            return commands.cmd_verify(args.store, repair=args.repair)
-        except TimeoutError as e:  # another writer holds the store (repair takes the write lock)
-            print(f"chunkpolicy: error: {e}", file=sys.stderr)
-            return 2
     return 0
 
 
@@ -73,17 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("out")
     imp.add_argument("--repo-id", default=None)
     imp.add_argument("--embodiment", default=None, help="embodiment name (default: from the dataset)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing store (only once the new one is complete)")
+    imp.add_argument(
+        "--allow-metadata-mismatch", action="store_true",
+        help="import what the data holds when meta/info.json or meta/episodes disagree with it (warns); default: error",
+    )
     exp = dsub.add_parser("export-lerobot", help="zarr episode store -> LeRobotDataset v3 directory")
     exp.add_argument("store")
     exp.add_argument("root")
     exp.add_argument("--repo-id", default=None)
     exp.add_argument("--videos", action="store_true", help="encode cameras as videos instead of images")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing dataset (only once the new one is complete)")
     st = dsub.add_parser("stats", help="compute and save exact normalization stats of a store")
     st.add_argument("store")
-    ver = dsub.add_parser("verify", help="check every chunk (presence, checksum, decode), shapes, episode index, NaN/inf, "
-                                         "stats freshness; exit 1 when anything is wrong")
-    ver.add_argument("store")
-    ver.add_argument("--repair", action="store_true", help="drop damaged tail episodes (only a contiguous tail; atomic)")
     data.set_defaults(func=_data)
 
     model = sub.add_parser("model", help="model presets")
@@ -105,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chunkpolicy: error: {msg}", file=sys.stderr)
         return 2
