@@ -24,6 +24,12 @@ def _data(args: argparse.Namespace) -> int:
         commands.cmd_export_lerobot(args.store, args.root, repo_id=args.repo_id, use_videos=args.videos, overwrite=args.overwrite)
     elif args.data_cmd == "stats":
         commands.cmd_stats(args.store)
+    elif args.data_cmd == "verify":
+        try:
+            return commands.cmd_verify(args.store, repair=args.repair)
+        except TimeoutError as e:  # another writer holds the store (repair takes the write lock)
+            print(f"chunkpolicy: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -83,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing dataset (only once the new one is complete)")
     st = dsub.add_parser("stats", help="compute and save exact normalization stats of a store")
     st.add_argument("store")
+    ver = dsub.add_parser("verify", help="check every chunk (presence, checksum, decode), shapes, episode index, NaN/inf, "
+                                         "stats freshness; exit 1 when anything is wrong")
+    ver.add_argument("store")
+    ver.add_argument("--repair", action="store_true", help="drop damaged tail episodes (only a contiguous tail; atomic)")
     data.set_defaults(func=_data)
 
     model = sub.add_parser("model", help="model presets")

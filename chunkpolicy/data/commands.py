@@ -27,7 +27,16 @@ def data_info(store_path: str | os.PathLike) -> str:
     ]
     for k, v in info["keys"].items():
         lines.append(f"  {k:<24} {v['dtype']:<8} {tuple(v['shape'])}")
-    lines.append(f"stats       {'saved' if info['has_stats'] else 'not computed (chunkpolicy data stats STORE)'}")
+    status = info.get("stats_status", "fresh" if info["has_stats"] else "none")
+    lines.append("stats       " + {
+        "fresh": f"saved, fresh (cover all {info['frames']} frames)",
+        "stale": f"STALE: saved for {info.get('stats_frames')} frames, the store has {info['frames']} after an append "
+                 f"or repair; recompute with `chunkpolicy data stats {info['path']}`",
+        "unknown": "saved by an old (v1) store without a frame count; checked against the data when read",
+        "none": "not computed (chunkpolicy data stats STORE)",
+    }[status])
+    lines.append(f"integrity   {'crc32c per chunk, every chunk written' if info.get('checksums') else 'no checksums (old store, format v1)'}"
+                 f"; check with `chunkpolicy data verify {info['path']}`")
     lines.append(f"tasks       {len(info['tasks'])}")
     lines += [f"  - {t}" for t in info["tasks"]]
     return "\n".join(lines)
@@ -37,6 +46,28 @@ def cmd_stats(store_path: str | os.PathLike) -> None:
     store = EpisodeStore.open(store_path, mode="a")
     stats = store.compute_stats(save=True)
     print(f"saved exact stats for {sorted(stats)} over {store.num_frames} frames to {store.path}")
+
+
+def cmd_verify(store_path: str | os.PathLike, *, repair: bool = False) -> int:
+    """Check every chunk, shapes, the episode index, NaN/inf and stats freshness; print what is wrong. ``repair`` drops
+    damaged tail episodes only. Returns the exit code: 0 healthy, 1 problems found (or left after a repair)."""
+    from chunkpolicy.data.store import verify_store
+
+    report, dropped = verify_store(store_path, repair=repair)
+    if dropped:
+        print(f"repaired: dropped {dropped} damaged tail episode(s); {report.num_episodes} episodes kept")
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"PROBLEM: {problem}")
+    if report.ok:
+        print(f"ok: {store_path}: {report.num_episodes} episodes, every chunk present and decodable")
+        return 0
+    hint = ""
+    if not repair and report.damaged and not report.global_problems:
+        hint = " (--repair drops damaged episodes only if they are a contiguous tail)"
+    print(f"{store_path}: {len(report.problems)} problem(s){hint}")
+    return 1
 
 
 def cmd_import_lerobot(
