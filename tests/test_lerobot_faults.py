@@ -244,6 +244,19 @@ def test_kill_during_import_leaves_nothing_and_rerun_works(lr, base, tmp_path):
         assert not _partials(dst)
 
 
+def test_kill_between_the_renames_of_an_overwrite_restores_the_old_copy(lr, base, tmp_path):
+    """Killed after moving the old store aside but before moving the new one in: the next run puts the old one back."""
+    out = tmp_path / "s.zarr"
+    import_lerobot(lr, out, progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.replace(out, out.with_name(f".{out.name}.partial-{dead.pid}-old"))
+    with pytest.warns(UserWarning, match="restored the previous copy"), pytest.raises(FileExistsError, match="--overwrite"):
+        import_lerobot(lr, out, progress=False)
+    _assert_store_matches(EpisodeStore.open(out), base[1])
+    assert not _partials(out)
+
+
 def test_failure_during_import_leaves_nothing(lr, tmp_path, monkeypatch):
     out = tmp_path / "s.zarr"
     orig, calls = EpisodeStore.append_episode, []

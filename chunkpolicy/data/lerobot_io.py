@@ -88,24 +88,37 @@ def _remove_stale_partials(dst: Path) -> None:
             pid = int(p.name[len(f".{dst.name}.partial-"):].split("-")[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if p.name.endswith("-old") and not dst.exists():
+            # killed between moving the old copy aside and moving the new one in: put the old one back
+            os.replace(p, dst)
+            warnings.warn(f"{dst}: restored the previous copy from an interrupted overwrite ({p.name})", stacklevel=3)
+        else:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    """Clean up after killed runs, then refuse an existing ``dst`` unless ``overwrite``."""
+    _remove_stale_partials(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True, or --overwrite on the command line, to replace it)")
 
 
 @contextlib.contextmanager
 def _staged(dst: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a not-yet-existing path next to ``dst`` to build into; on success it replaces ``dst`` (an old one is
     removed only once the new one is in place), on any error it is deleted and ``dst`` is untouched."""
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True, or --overwrite on the command line, to replace it)")
+    _check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(dst)
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         if not tmp.is_dir():
             raise RuntimeError(f"{tmp}: nothing was written")
         _publish_mode(tmp, 0o777)
+        if dst.exists() and not overwrite:
+            raise FileExistsError(f"{dst} appeared while it was being written (pass overwrite=True to replace it)")
         if dst.exists():
             old = dst.with_name(f".{dst.name}.partial-{os.getpid()}-old")
             os.replace(dst, old)
@@ -381,8 +394,7 @@ def import_lerobot(
     root, out = Path(root), Path(out)
     if not (root / "meta" / "info.json").exists():
         raise FileNotFoundError(f"{root}: not a LeRobotDataset v3 directory (no meta/info.json)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True, or --overwrite on the command line, to replace it)")
+    _check_destination(out, overwrite)  # before the (possibly long) checks
     scan = _scan(root, allow_metadata_mismatch, fps_tolerance_s)
     feats_info = scan["info"]["features"]
     for key in (action_key, state_key):
@@ -504,8 +516,7 @@ def export_lerobot(
     LeRobotDataset = _require_lerobot()
     store = store_path if isinstance(store_path, EpisodeStore) else EpisodeStore.open(store_path)
     root = Path(root)
-    if root.exists() and not overwrite:
-        raise FileExistsError(f"{root} already exists (pass overwrite=True, or --overwrite on the command line, to replace it)")
+    _check_destination(root, overwrite)
     spec = store.spec
     if float(store.fps) != int(store.fps):
         raise ValueError(f"LeRobotDataset needs an integer fps; the store has {store.fps}")
