@@ -38,6 +38,8 @@ from chunkpolicy.models.heads.configs import HeadConfig, head_config_class, head
 from chunkpolicy.models.policy import PolicyConfig
 
 MIXED_PRECISION = ("no", "bf16")
+TRAIN_PRECISION = ("fp32", "bf16")
+SCHEDULE_OVER = ("steps", "time")
 POSTTRAIN_MODES = ("full", "lora", "head_only", "freeze_vision")
 LORA_HEAD = ("full", "lora", "frozen")
 
@@ -107,6 +109,19 @@ class TrainConfig:
     progress: bool = True
     compile: bool = False  # torch.compile the model's per-layer training work (ChunkPolicy.compile_layers)
     cuda_graph: bool = False  # one GPU: the whole step (forward, backward, clipping, AdamW) as one CUDA graph
+    # weights and AdamW moments: "fp32" (default: fp32 master weights and fp32 moments; compute in bf16 with
+    # mixed_precision=bf16) | "bf16" (opt-in fast path: bf16 weights and bf16 moments, no fp32 copy; drifts in long runs)
+    precision: str = "fp32"
+    # non-finite guard: a step whose loss or gradient norm is not finite is skipped (no optimizer / EMA update) and
+    # counted; after max_bad_steps consecutive ones (checked when a train record is logged) the run rolls back to its
+    # latest checkpoint with the learning rate × rollback_lr_factor, at most max_rollbacks times, then stops
+    max_bad_steps: int = 20
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+    # time budget: end the run after this many minutes of training (validation and checkpoint time not counted),
+    # with a final checkpoint; None: no limit (train.steps still caps the run)
+    max_minutes: Optional[float] = None
+    schedule_over: str = "steps"  # "steps" | "time": warm-up in steps, then the cosine decay over max_minutes
 
 
 @dataclass
@@ -485,6 +500,14 @@ def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     _need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
     _need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", f"must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
     _need(bool(t.output_dir), "train.output_dir", "must be set")
+    _need(t.precision in TRAIN_PRECISION, "train.precision", f"must be one of {TRAIN_PRECISION}, got {t.precision!r}")
+    _need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
+    _need(t.max_rollbacks >= 0, "train.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")
+    _need(0 < t.rollback_lr_factor <= 1, "train.rollback_lr_factor", f"must be in (0, 1], got {t.rollback_lr_factor}")
+    _need(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", f"must be > 0 (or null), got {t.max_minutes}")
+    _need(t.schedule_over in SCHEDULE_OVER, "train.schedule_over", f"must be one of {SCHEDULE_OVER}, got {t.schedule_over!r}")
+    _need(t.schedule_over != "time" or t.max_minutes is not None, "train.schedule_over",
+          "'time' needs train.max_minutes (the schedule's length)")
 
     _need(pt.mode in POSTTRAIN_MODES, "posttrain.mode", f"must be one of {POSTTRAIN_MODES}, got {pt.mode!r}")
     _need(pt.lora_head in LORA_HEAD, "posttrain.lora_head", f"must be one of {LORA_HEAD}, got {pt.lora_head!r}")

@@ -97,3 +97,25 @@ def test_building_the_step_keeps_a_loaded_optimizer_state_and_the_random_stream(
     assert all(torch.equal(state[i][k], after[i][k]) for i in state for k in state[i])
     assert float(after[0]["step"]) == 2
     assert all(torch.equal(weights[k], v) for k, v in policy.state_dict().items())
+
+
+@cuda
+def test_graphed_step_skips_a_non_finite_step_on_the_device():
+    """Issue 15: a replay whose loss is NaN leaves weights, moments and step counts untouched (fused AdamW's
+    found_inf, set inside the graph), reports skipped = 1, and the next good replay updates again."""
+    policy = toy_policy().cuda().train()
+    opt = capturable_adamw([p for p in policy.parameters() if p.requires_grad], 1e-3)
+    step = GraphedTrainStep(policy, opt, toy_batch(), max_grad_norm=1.0)
+    assert float(step(toy_batch(seed=1))["skipped"]) == 0.0  # one good step: the moments exist
+    weights = [p.detach().clone() for p in policy.parameters()]
+    state = [v.clone() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    step.load_inputs(toy_batch(seed=2))
+    step.inputs["actions"].view(-1)[0] = float("nan")  # past the batch validation, as a NaN from the model would be
+    step.graph.replay()
+    assert float(step.skipped) == 1.0 and not torch.isfinite(step.loss)
+    assert all(torch.equal(a, p) for a, p in zip(weights, policy.parameters()))
+    assert all(torch.equal(a, v) for a, v in zip(state, [v for s in opt.state.values() for v in s.values()
+                                                        if isinstance(v, torch.Tensor)]))
+    out = step(toy_batch(seed=3))
+    assert float(out["skipped"]) == 0.0 and torch.isfinite(out["loss"])
+    assert any(not torch.equal(a, p) for a, p in zip(weights, policy.parameters()))

@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chunkpolicy train: error: {msg}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the non-finite guard gave up (summary.json and the last good checkpoint written)
+        print(f"chunkpolicy train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

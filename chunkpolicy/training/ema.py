@@ -34,10 +34,15 @@ class EMA:
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        w = 1.0 - self.current_decay()
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """Move the shadow towards the weights. ``skip``: a 0-d device tensor, 1 (or True) for a step whose update
+        was skipped (the non-finite guard): the shadow then stays as it is, decided on the device without a host sync
+        (the update counter, a host number, still advances)."""
+        w: float | torch.Tensor = 1.0 - self.current_decay()
         shadows = [self.shadow[n] for n in self.names]
         params = [p.detach() for p in self._params(model)]
+        if skip is not None:
+            w = (1.0 - skip.to(shadows[0].device, torch.float32)) * w
         if all(p.dtype == torch.float32 and p.device == s.device for p, s in zip(params, shadows)):
             torch._foreach_lerp_(shadows, params, w)
         else:

@@ -14,6 +14,10 @@ Contract, checked where it can be:
 * the optimizer was built with ``capturable=True`` and a **tensor** learning rate per group (:func:`capturable_adamw`),
   so a scheduler's in-place updates of ``group["lr"]`` reach the graph (a float would be baked into it);
 * the gradients live in the graph's memory pool: do not call ``optimizer.zero_grad()`` or replace ``.grad`` outside;
+* non-finite guard (``skip_nonfinite``, default on): the captured step computes a device-side flag "loss or gradient
+  norm not finite" and hands it to the fused AdamW as ``found_inf`` (the mechanism ``GradScaler`` uses), so a replay
+  with a NaN/inf loss or gradient leaves the weights, the moments and the step counts untouched, with no host sync;
+  the flag is returned as ``skipped``;
 * the warm-up passes run with the learning rate at 0 and the optimizer state is restored afterwards (zeroed where
   the warm-up created it), and the random number generators are forked around warm-up and capture, so building the
   step leaves the weights, the optimizer and the random streams as they were, also when the optimizer was loaded
@@ -40,14 +44,15 @@ def capturable_adamw(params: Any, lr: float, device: torch.device | str = "cuda"
 
 
 class GraphedTrainStep:
-    """``step(batch) -> {"loss", "grad_norm"}`` for batches shaped like ``example``; see the module docstring.
+    """``step(batch) -> {"loss", "grad_norm", "skipped"}`` for batches shaped like ``example``; see the module docstring.
 
     ``max_grad_norm``: clip the global gradient norm (None: no clipping; ``grad_norm`` is still reported);
     ``autocast``: bf16 autocast around the forward (for fp32 master weights); ``warmup``: eager passes before capture
     (allocations, cuBLAS/Inductor set-up)."""
 
     def __init__(self, policy: ChunkPolicy, optimizer: torch.optim.Optimizer, example: Mapping[str, Any], *,
-                 max_grad_norm: float | None = 1.0, autocast: bool = False, warmup: int = 3) -> None:
+                 max_grad_norm: float | None = 1.0, autocast: bool = False, warmup: int = 3,
+                 skip_nonfinite: bool = True) -> None:
         if policy.device.type != "cuda":
             raise ValueError(f"GraphedTrainStep needs the policy on a CUDA device, it is on {policy.device}")
         for i, g in enumerate(optimizer.param_groups):
@@ -57,6 +62,9 @@ class GraphedTrainStep:
                 raise ValueError(f"optimizer: param group {i} has a float lr, which a CUDA graph would freeze; use a tensor "
                                  "(capturable_adamw)")
         self.policy, self.optimizer, self.max_grad_norm, self.autocast = policy.train(), optimizer, max_grad_norm, autocast
+        self.skip_nonfinite = skip_nonfinite
+        if skip_nonfinite and not all(g.get("fused") for g in optimizer.param_groups):
+            raise ValueError("skip_nonfinite needs a fused AdamW (its found_inf flag skips the update on the device)")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.inputs = {k: v.clone() for k, v in policy.prepare_train_inputs(example).items()}
         lrs = [g["lr"].clone() for g in optimizer.param_groups]
@@ -79,7 +87,7 @@ class GraphedTrainStep:
             optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.loss, self.grad_norm = self._step()
+                self.loss, self.grad_norm, self.skipped = self._step()
         with torch.no_grad():
             for g, lr in zip(optimizer.param_groups, lrs):
                 g["lr"].copy_(lr)
@@ -88,7 +96,7 @@ class GraphedTrainStep:
                     if isinstance(v, torch.Tensor):
                         v.copy_(saved[id(v)]) if id(v) in saved else v.zero_()
 
-    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # autocast's weight cache must be off while capturing (cached casts would be freed outside the graph's pool)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
             loss = self.policy.loss_from_inputs(self.inputs)["loss"]
@@ -97,8 +105,11 @@ class GraphedTrainStep:
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if self.max_grad_norm:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm, foreach=True)
+        skipped = (~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float()
+        if self.skip_nonfinite:
+            self.optimizer.found_inf = skipped  # read by the fused kernel: 1 skips the whole update, on the device
         self.optimizer.step()
-        return loss.detach(), norm
+        return loss.detach(), norm, skipped
 
     def load_inputs(self, batch: Mapping[str, Any]) -> None:
         """Validate ``batch`` (schema, robot units) and copy its prepared tensors into the captured buffers."""
@@ -109,7 +120,8 @@ class GraphedTrainStep:
             self.inputs[k].copy_(v)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """One optimizer step on ``batch``; returns copies of the step's loss and (pre-clipping) gradient norm."""
+        """One optimizer step on ``batch``; returns copies of the step's loss, (pre-clipping) gradient norm and the
+        skip flag (1.0: not finite, the update was skipped)."""
         self.load_inputs(batch)
         self.graph.replay()
-        return {"loss": self.loss.clone(), "grad_norm": self.grad_norm.clone()}
+        return {"loss": self.loss.clone(), "grad_norm": self.grad_norm.clone(), "skipped": self.skipped.clone()}

@@ -40,12 +40,15 @@ def build_optimizer(
     fused: bool | None = None,
     capturable: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; ``fused=None`` uses the fused kernel when every parameter is on CUDA.
+    """AdamW over the trainable parameters; ``fused=None`` uses the fused kernel when every parameter is a floating
+    tensor on CUDA or the CPU (the fused kernel takes a device-side ``found_inf`` flag: the trainer's non-finite guard
+    skips a step with it, without a host sync). The moments have the parameters' dtype (PyTorch's AdamW): fp32 for
+    fp32 weights (``train.precision=fp32``), bf16 for bf16 weights (``train.precision=bf16``).
     ``capturable``: state on the device and no host syncs in ``step`` (for a CUDA-graphed step; then also call
     :func:`tensor_lrs` once a scheduler is attached)."""
     groups = param_groups(model, weight_decay)
     if fused is None:
-        fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
+        fused = all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None,
                              capturable=capturable)
 
@@ -86,8 +89,49 @@ def lr_factor(step: int, warmup: int, total: int, lr: float, final_lr: float) ->
     return (final_lr + (lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))) / lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, lr: float, final_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, lr, final_lr))
+class LRSchedule:
+    """The multiplier a :class:`~torch.optim.lr_scheduler.LambdaLR` applies to the peak ``lr`` at step ``s``:
+    warm-up over steps, then the cosine decay over steps (``over="steps"``: :func:`lr_factor`) or over training time
+    (``over="time"``: progress = ``clock() / budget_s``, ``clock`` returning the run's training seconds so far; the
+    warm-up is still in steps, and the decay runs from the start of the budget, so its first ``warmup`` steps' share of
+    the budget is already spent when the warm-up ends). ``scale`` multiplies everything (the non-finite guard lowers it
+    on a rollback). A schedule over time depends on measured time: runs with it are not bit-reproducible."""
+
+    def __init__(self, warmup: int, total: int, lr: float, final_lr: float, over: str = "steps",
+                 budget_s: float | None = None, clock: Any = None) -> None:
+        if over not in ("steps", "time"):
+            raise ValueError(f"schedule over {over!r}: expected 'steps' or 'time'")
+        if over == "time" and not (budget_s and clock):
+            raise ValueError("a schedule over time needs budget_s and clock")
+        self.warmup, self.total, self.lr, self.final_lr = warmup, total, lr, final_lr
+        self.over, self.budget_s, self.clock = over, budget_s, clock
+        self.scale = 1.0
+
+    def __call__(self, step: int) -> float:
+        if self.over == "steps" or step < self.warmup:
+            f = lr_factor(step, self.warmup, self.total, self.lr, self.final_lr)
+        else:
+            progress = min(1.0, max(0.0, self.clock() / self.budget_s))
+            f = (self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))) / self.lr
+        return f * self.scale
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, lr: float, final_lr: float,
+                    schedule: LRSchedule | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` over :class:`LRSchedule` (by default over steps), wrapped in a plain function so that the
+    scheduler's state dict holds none of it; :func:`schedule_of` returns it."""
+    schedule = schedule or LRSchedule(warmup, total, lr, final_lr)
+
+    def fn(s: int) -> float:
+        return schedule(s)
+
+    fn.schedule = schedule  # type: ignore[attr-defined]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def schedule_of(scheduler: torch.optim.lr_scheduler.LambdaLR) -> LRSchedule:
+    """The :class:`LRSchedule` of a scheduler made by :func:`build_scheduler`."""
+    return scheduler.lr_lambdas[0].schedule  # type: ignore[attr-defined]
 
 
 # -- state without pickles ---------------------------------------------------------------------------------------

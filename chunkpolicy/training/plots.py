@@ -32,7 +32,8 @@ def plot_losses(metrics_path: str | os.PathLike, out_png: str | os.PathLike, tit
     import matplotlib.pyplot as plt
 
     recs = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train" and "loss" in r]
+    # a record whose steps were all skipped by the non-finite guard has loss None
+    train = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "train" and r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in recs if r.get("kind") == "val" and "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:

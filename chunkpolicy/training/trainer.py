@@ -18,6 +18,31 @@ Structure: :meth:`Trainer.fit` = :meth:`~Trainer.build_state` (a :class:`TrainSt
 schedule, EMA, sampler, counters, the resumed checkpoint) → :meth:`~Trainer.train_step` per optimizer step (eager and
 CUDA-graph steps differ only in :meth:`~Trainer._micro_step`) → logging / validation / checkpoint cadence → summary.
 
+Precision (``train.precision``): ``fp32`` (default) keeps fp32 weights (master weights) and fp32 AdamW moments, the
+forward/backward computed in bf16 under ``mixed_precision=bf16``; a model handed over in another dtype is cast to fp32.
+``bf16`` (opt-in fast path) casts the parameters to bf16, so AdamW keeps bf16 moments too (PyTorch's AdamW keeps its
+state in the parameters' dtype) and there is no fp32 copy: faster and smaller, but updates below bf16's resolution are
+lost, which drifts over long runs.
+
+Non-finite guard: a step whose loss (any micro-batch) or gradient norm is not finite is skipped: the fused AdamW gets
+a device-side ``found_inf`` flag (eager and CUDA-graph steps alike; the kernel then leaves weights, moments and step
+counts untouched) and the EMA update is multiplied by the same flag, so no host sync is added per step. The skipped
+steps still consume their batches and advance the schedule. A device-side counter of skipped steps and of the current
+streak is read with the loss at each ``train`` record (``skipped``, ``skipped_total``): that read is the only sync,
+so a streak is noticed up to ``log_every`` steps late (harmless: skipped steps change nothing). When the streak has
+reached ``train.max_bad_steps`` at a record (or a checkpoint finds non-finite weights), the run rolls back to its latest
+checkpoint (weights, optimizer, EMA, data position, RNG) with the learning rate × ``train.rollback_lr_factor``
+(a ``rollback`` record; the factor is kept in later checkpoints, so a resumed run continues exactly); without a
+checkpoint it continues from the current weights (the last good step's) with the lower rate. After
+``train.max_rollbacks`` rollbacks it stops (:class:`TrainingDiverged`, after ``summary.json``), leaving the last good
+weights on disk: checkpoints are only written from finite weights. An optimizer that is not fused (non-float
+parameters) falls back to reading the flag on the host each step.
+
+Time budget: ``train.max_minutes`` ends the run once its training time (all sessions; validation, checkpoint and
+rollback time not counted, start-up not counted) reaches the budget, with a final train record, validation and
+checkpoint; ``summary.json`` says why the run stopped (``stopped``: steps | max_minutes | stop_after | non_finite).
+``train.schedule_over=time`` runs the cosine decay over that budget instead of ``train.steps``.
+
 Outputs in the run dir: ``config.yaml``, ``metrics.jsonl`` (one JSON record per log/validation event),
 ``checkpoints/step_XXXXXX/`` (see :mod:`chunkpolicy.training.checkpoint`), ``loss.png`` and ``summary.json``.
 """
@@ -45,11 +70,12 @@ from chunkpolicy.training.checkpoint import (
 from chunkpolicy.training.ema import EMA
 from chunkpolicy.training.distributed import LossModule, ShardedBatchSampler, make_accelerator, to_device, unused_parameters
 from chunkpolicy.training.optim import (
-    build_optimizer, build_scheduler, optimizer_state_from_tensors, optimizer_state_to_tensors, plain_numbers, set_lr,
+    LRSchedule, build_optimizer, build_scheduler, optimizer_state_from_tensors, optimizer_state_to_tensors, plain_numbers,
+    schedule_of, set_lr,
     tensor_lrs,
 )
 
-__all__ = ["Trainer", "TrainState", "StepOutput", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device",
+__all__ = ["Trainer", "TrainState", "StepOutput", "TrainingDiverged", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device",
            "unused_parameters", "default_export", "print_summary", "KILL_ENV"]
 
 KILL_ENV = "CHUNKPOLICY_TEST_KILL_AFTER_CKPT"  # test hook: SIGKILL this process right after checkpoint <step>
@@ -87,8 +113,12 @@ class TrainState:
     epoch: int = 0  # sampler epoch
     position: int = 0  # micro-batches of this process consumed in the epoch
     samples_seen: int = 0
-    elapsed_before: float = 0.0  # training time of the earlier sessions of the run
+    elapsed_before: float = 0.0  # wall time of the earlier sessions of the run
+    train_time_before: float = 0.0  # training time (validation / checkpoints excluded) of the earlier sessions
     resumed_from: Path | None = None
+    skip_count: Any = None  # device: steps skipped by the non-finite guard, whole run
+    skip_streak: Any = None  # device: consecutive skipped steps up to now
+    rollbacks: int = 0
 
 
 @dataclass
@@ -96,8 +126,9 @@ class StepOutput:
     """What :meth:`Trainer.train_step` returns; tensors stay on the device (reading them is a host sync)."""
 
     losses: list[torch.Tensor]  # the detached loss of each micro-batch
-    grad_norm: torch.Tensor | None  # pre-clipping gradient norm; None when the step computed none (eager, no clipping)
+    grad_norm: torch.Tensor | None  # pre-clipping gradient norm
     lr: float  # the learning rate the step used (from the schedule, not read from the device)
+    skipped: torch.Tensor | None = None  # 0-d float on the device: 1.0 if the non-finite guard skipped the update
 
 
 @dataclass
@@ -112,12 +143,22 @@ class _Session:
     loss_sum: torch.Tensor
     grad_norm: torch.Tensor
     pbar: Any
+    n_good: torch.Tensor | None = None  # device: micro-batch losses summed into loss_sum (those of skipped steps are not)
+    skips_at_log: float = 0.0  # skip_count at the last train record
     n_loss: int = 0
     lr: float = float("nan")
     last_train: float = float("nan")
     last_val: float | None = None
     last_ckpt: Path | None = None
-    overhead: float = 0.0  # seconds in validation and checkpoints
+    overhead: float = 0.0  # seconds in validation, checkpoints and rollbacks
+    t_first_step: float | None = None  # when the first step of the session returned (host time)
+    t_last_step: float | None = None
+    stopped: str = "steps"  # why the loop ended: steps | max_minutes | stop_after | non_finite
+    message: str = ""
+
+
+class TrainingDiverged(FloatingPointError):
+    """The non-finite guard gave up (``train.max_rollbacks`` rollbacks used); raised after ``summary.json``."""
 
 
 def _fmt_time(s: float) -> str:
@@ -174,6 +215,7 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.global_batch = cfg.batch_size * self.world * cfg.grad_accum
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.t_created = time.perf_counter()
         latest = self.manager.latest()
         if latest is not None and not resume:
             raise FileExistsError(f"{self.run_dir} already has checkpoints (latest {latest.name}); pass --resume to "
@@ -222,6 +264,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         dev = acc.device
         self.model.to(dev)
+        self._apply_precision()
         self.model.train()
         if self.world > 1 and getattr(cfg, "find_unused_parameters", None) is None and acc.ddp_handler is not None:
             unused = self.unused_parameters()
@@ -237,7 +280,11 @@ class Trainer:
                 raise ValueError(f"train.compile: {type(self.model).__name__} has no compile_layers()")
             self.model.compile_layers()
         optimizer = build_optimizer(self.model, cfg.lr, tuple(cfg.betas), cfg.eps, cfg.weight_decay, capturable=graphed)
-        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.final_lr)
+        over = getattr(cfg, "schedule_over", "steps")
+        budget = self._budget_s()
+        schedule = LRSchedule(cfg.warmup_steps, cfg.steps, cfg.lr, cfg.final_lr, over=over, budget_s=budget,
+                              clock=self._train_time if over == "time" else None)
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.final_lr, schedule=schedule)
         if graphed:  # the graph replaces accelerate's backward/step; one process, so there is nothing to wrap
             wrapper: nn.Module = self.model
         else:
@@ -247,7 +294,9 @@ class Trainer:
         n_samples = max(1, len(self.train_set) // micro) * micro  # type: ignore[arg-type]
         sampler = MixtureSampler(self.train_set, num_samples=n_samples, seed=cfg.seed)
         st = TrainState(device=dev, graphed=graphed, wrapper=wrapper, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                        sampler=sampler, val_loader=self._val_loader())
+                        sampler=sampler, val_loader=self._val_loader(), skip_count=torch.zeros((), device=dev),
+                        skip_streak=torch.zeros((), device=dev))
+        self.state = st
         set_seed(cfg.seed, device_specific=True)  # training noise differs per process, data order does not
         ckpt = self.manager.latest() if self.resume else None
         if ckpt is not None:
@@ -265,7 +314,7 @@ class Trainer:
         st.n_params = sum(p.numel() for p in self.model.parameters())
         if self.is_main:
             print(f"training {st.n_trainable:,} of {st.n_params:,} parameters on {self.world} × {dev.type} "
-                  f"(mixed precision: {cfg.mixed_precision}); global batch {self.global_batch} "
+                  f"(weights and AdamW moments: {self._precision()}, mixed precision: {cfg.mixed_precision}); global batch {self.global_batch} "
                   f"= {cfg.batch_size} × {self.world} processes × {cfg.grad_accum} accumulation")
         return st
 
@@ -286,15 +335,19 @@ class Trainer:
                 p.copy_(trainable[n])
         st.optimizer.load_state_dict(optimizer_state_from_tensors(opt_t, opt_meta))
         st.scheduler.load_state_dict(state.scheduler)
-        # the lr of the next step comes from this run's schedule (identical unless train.steps/lr/warmup changed)
-        for g, base, fn in zip(st.optimizer.param_groups, st.scheduler.base_lrs, st.scheduler.lr_lambdas):
-            set_lr(g, base * fn(st.scheduler.last_epoch))
         if st.ema is not None:
             if ema is None:
                 raise ValueError(f"{ckpt}: has no EMA state but train.ema_decay={self.cfg.ema_decay}")
             st.ema.load_state_dict(ema, state.ema_updates)
         st.step, st.epoch, st.position = state.step, state.epoch, state.position
         st.samples_seen, st.elapsed_before = state.samples_seen, state.elapsed_s
+        guard = state.extra.get("guard", {})
+        st.train_time_before = float(state.extra.get("train_time_s", state.elapsed_s))
+        st.rollbacks = int(guard.get("rollbacks", 0))
+        st.skip_count.fill_(float(guard.get("skipped_steps", 0)))
+        st.skip_streak.fill_(float(guard.get("skip_streak", 0)))
+        schedule_of(st.scheduler).scale = float(guard.get("lr_scale", 1.0))
+        self._set_lrs()
         load_rng(ckpt / STATE_DIR, self.rank)
 
     def save_checkpoint(self) -> Path:
@@ -311,7 +364,10 @@ class Trainer:
                 world_size=self.world, scheduler=plain_numbers(st.scheduler.state_dict()),
                 ema_updates=st.ema.num_updates if st.ema is not None else 0,
                 elapsed_s=st.elapsed_before + (time.perf_counter() - self.session.t_start),
-                extra={"sampler": st.sampler.state_dict(st.epoch, st.position * self.cfg.batch_size * self.world)},
+                extra={"sampler": st.sampler.state_dict(st.epoch, st.position * self.cfg.batch_size * self.world),
+                       "train_time_s": self._train_time(),
+                       "guard": {"lr_scale": schedule_of(st.scheduler).scale, "rollbacks": st.rollbacks,
+                                 "skipped_steps": int(st.skip_count.item()), "skip_streak": int(st.skip_streak.item())}},
             )
             write_training_state(tmp / STATE_DIR, state, {n: p for n, p in self._trainable().items()}, opt_t, opt_meta,
                                  st.ema.state_dict() if st.ema is not None else None)
@@ -339,11 +395,12 @@ class Trainer:
         if not (hasattr(self.model, "prepare_train_inputs") and hasattr(self.model, "loss_from_inputs")):
             raise ValueError(f"train.cuda_graph: {type(self.model).__name__} has no prepare_train_inputs/loss_from_inputs")
 
-    def _micro_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _micro_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Forward and backward of one micro-batch, and clipping + the optimizer step when the accumulation window
-        closes; returns the detached loss and the gradient norm when this call computed one. The one place where
-        eager and CUDA-graph steps differ: a graphed step replays forward, backward, clipping and AdamW from a graph
-        captured on the first call (one micro-batch per step, checked)."""
+        closes; returns the detached loss, and the gradient norm and skip flag (1.0: a loss of the window or the
+        gradient norm was not finite, the update was skipped) when this call closed the window. The one place where
+        eager and CUDA-graph steps differ: a graphed step replays forward, backward, clipping, the guard and AdamW
+        from a graph captured on the first call (one micro-batch per step, checked)."""
         st, acc, cfg = self.state, self.acc, self.cfg
         if st.graphed:
             if st.graph is None:
@@ -352,35 +409,54 @@ class Trainer:
                 st.graph = GraphedTrainStep(self.model, st.optimizer, batch, max_grad_norm=cfg.grad_clip or None,
                                             autocast=cfg.mixed_precision == "bf16")
             out = st.graph(batch)
-            return out["loss"], out["grad_norm"]
-        gnorm = None
+            return out["loss"], out["grad_norm"], out["skipped"]
+        gnorm = skipped = None
+        host_skip = False
         with acc.accumulate(st.wrapper):
             loss = st.wrapper(batch)["loss"]
             acc.backward(loss)
-            if acc.sync_gradients and cfg.grad_clip > 0:
-                gnorm = acc.clip_grad_norm_(st.trainable, cfg.grad_clip)
-            st.optimizer.step()  # accelerate's wrapper steps only when the accumulation window closes
+            self._window_bad = self._window_bad | ~torch.isfinite(loss.detach())
+            if acc.sync_gradients:
+                if cfg.grad_clip > 0:
+                    gnorm = acc.clip_grad_norm_(st.trainable, cfg.grad_clip)
+                else:
+                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in st.trainable if p.grad is not None])
+                skipped = (self._window_bad | ~torch.isfinite(gnorm)).float()
+                if self.world > 1:  # every process must take the same decision (losses differ per process)
+                    skipped = acc.reduce(skipped, "sum").clamp_(max=1.0)
+                inner = getattr(st.optimizer, "optimizer", st.optimizer)
+                if all(g.get("fused") for g in inner.param_groups):
+                    inner.found_inf = skipped  # the fused kernel skips the update on the device
+                else:
+                    host_skip = bool(skipped)  # not fused: one host sync per step
+            if not host_skip:
+                st.optimizer.step()  # accelerate's wrapper steps only when the accumulation window closes
             st.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), gnorm
+        return loss.detach(), gnorm, skipped
 
     def train_step(self, batches: Iterator[dict[str, Any]]) -> StepOutput:
         """One optimizer step on the next ``grad_accum`` micro-batches of ``batches`` (eager and graphed alike, see
         :meth:`_micro_step`), then the schedule, EMA and counters. No host syncs: losses and the norm stay on the
         device."""
         st = self.state
-        losses, gnorm = [], None
+        losses, gnorm, skipped = [], None, None
+        self._window_bad = torch.zeros((), dtype=torch.bool, device=st.device)
         for _ in range(self.cfg.grad_accum):  # 1 in graph mode
-            loss, g = self._micro_step(to_device(next(batches), st.device))
+            loss, g, sk = self._micro_step(to_device(next(batches), st.device))
             losses.append(loss)
             gnorm = gnorm if g is None else g
+            skipped = skipped if sk is None else sk
         # the step's lr from the schedule itself: reading a graphed step's lr tensor would sync with the device
         lr = st.scheduler.base_lrs[0] * st.scheduler.lr_lambdas[0](st.scheduler.last_epoch)
         st.scheduler.step()
         if st.ema is not None:
-            st.ema.update(self.model)
+            st.ema.update(self.model, skip=skipped)
+        if skipped is not None:  # device-side counters, read at the next train record
+            st.skip_count += skipped
+            st.skip_streak.add_(1.0).mul_(skipped)
         st.step += 1
         st.samples_seen += self.global_batch
-        return StepOutput(losses, gnorm, lr)
+        return StepOutput(losses, gnorm, lr, skipped)
 
     def unused_parameters(self) -> list[str]:
         """See :func:`unused_parameters`; probed on the first two training samples."""
@@ -441,21 +517,39 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.cfg.steps
 
-    def _log_train(self) -> None:
+    def _log_train(self) -> bool:
         """A ``train`` record: mean loss since the last record (averaged over processes: the one host sync of the
-        interval), lr and gradient norm of the last step, samples/s (validation and checkpoint time excluded)."""
+        interval), lr and gradient norm of the last step, samples/s (validation and checkpoint time excluded), the
+        guard's counters; returns True when the guard rolled back (or stopped) the run."""
         st, s = self.state, self.session
-        s.last_train = float(self.acc.reduce(s.loss_sum / max(s.n_loss, 1), "mean"))
-        if not math.isfinite(s.last_train):
-            raise FloatingPointError(f"step {st.step}: training loss is {s.last_train}")
+        mean = self.acc.reduce(s.loss_sum / s.n_good.clamp(min=1.0), "mean")
+        good = self.acc.reduce(s.n_good, "sum")
+        # the one host sync of the interval: loss, gradient norm and the guard's counters together
+        loss, good, gnorm, skipped_total, streak = torch.stack(
+            [mean.float(), good.float(), s.grad_norm.float().reshape(()), st.skip_count, st.skip_streak]).tolist()
+        s.last_train = loss if good > 0 else float("nan")
         now = time.perf_counter()
         rate = (st.step - s.step_log) * self.global_batch / max(now - s.t_log, 1e-9)
-        self._record({"kind": "train", "step": st.step, "loss": s.last_train, "lr": s.lr,
-                      "grad_norm": float(s.grad_norm), "samples_per_s": rate, "samples": st.samples_seen,
-                      "epoch": st.epoch, "time_s": st.elapsed_before + now - s.t_start})
+        rec = {"kind": "train", "step": st.step, "loss": s.last_train if good > 0 else None, "lr": s.lr,
+               "grad_norm": gnorm if math.isfinite(gnorm) else None, "samples_per_s": rate, "samples": st.samples_seen,
+               "epoch": st.epoch, "time_s": st.elapsed_before + now - s.t_start, "train_time_s": self._train_time()}
+        if skipped_total > 0:
+            rec.update(skipped=int(skipped_total - s.skips_at_log), skipped_total=int(skipped_total),
+                       skip_streak=int(streak))
+        self._record(rec)
         s.pbar.set_postfix(loss=f"{s.last_train:.4f}", lr=f"{s.lr:.2e}", sps=f"{rate:.1f}", refresh=False)
+        if skipped_total > s.skips_at_log and self.is_main:
+            s.pbar.write(f"step {st.step}: {int(skipped_total - s.skips_at_log)} step(s) skipped since the last record "
+                         f"(non-finite loss or gradient norm; {int(skipped_total)} in the run, streak {int(streak)})")
         s.loss_sum.zero_()
+        s.n_good.zero_()
+        s.skips_at_log = skipped_total
         s.n_loss, s.t_log, s.step_log = 0, now, st.step
+        if streak >= self.cfg.max_bad_steps:
+            self._recover(f"{int(streak)} consecutive steps with a non-finite loss or gradient norm "
+                          f"(train.max_bad_steps={self.cfg.max_bad_steps})")
+            return True
+        return False
 
     def _timed(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, its time counted as overhead (not against samples/s)."""
@@ -475,46 +569,176 @@ class Trainer:
             if self.is_main and self.cfg.progress:
                 s.pbar.write(f"step {self.state.step}: val loss {s.last_val:.4f}")
 
-    def _checkpoint(self) -> None:
+    def _weights_finite(self) -> bool:
+        params = [p.detach() for p in self.state.trainable]
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+    def _checkpoint(self) -> bool:
+        """Save a checkpoint, from finite weights only (else the guard rolls back); True when it rolled back."""
+        if not self._weights_finite():
+            self._recover("the weights are not finite")
+            return True
         self.session.last_ckpt = self._timed(self.save_checkpoint)
+        return False
+
+    # -- non-finite guard, time budget ----------------------------------------------------------------------------
+    def _recover(self, reason: str) -> None:
+        """Roll back to the latest checkpoint with a lower learning rate, or stop (see the module docstring)."""
+        st, s, cfg = self.state, self.session, self.cfg
+        st.rollbacks += 1
+        if st.rollbacks > cfg.max_rollbacks:
+            latest = self.manager.latest()
+            if latest is None and self._weights_finite():  # skipped steps left the last good step's weights
+                s.last_ckpt = self._timed(self.save_checkpoint)
+                latest = s.last_ckpt
+            st.rollbacks -= 1  # the rollbacks done
+            s.stopped = "non_finite"
+            s.message = (f"step {st.step}: {reason}; stopping after {cfg.max_rollbacks} rollback(s) "
+                         f"(train.max_rollbacks). Last good weights: {latest or 'none (no checkpoint was written)'}")
+            self._record({"kind": "stop", "step": st.step, "reason": reason, "rollbacks": st.rollbacks})
+            if self.is_main:
+                print(f"non-finite guard: {s.message}")
+            return
+        self._timed(lambda: self._rollback(reason))
+
+    def _rollback(self, reason: str) -> None:
+        st, cfg = self.state, self.cfg
+        scale = schedule_of(st.scheduler).scale * cfg.rollback_lr_factor
+        rollbacks, skipped, at = st.rollbacks, st.skip_count.clone(), st.step
+        ckpt = self._last_good_checkpoint()
+        if ckpt is not None:
+            self._batches.close()  # its loader (and workers) read the old data position
+            self._load(st, ckpt)
+            if st.graphed:  # new optimizer state tensors: capture a new graph on the next batch
+                tensor_lrs(st.optimizer, st.device)
+                st.graph = None
+            self._batches = self._train_batches()
+        st.rollbacks, schedule_of(st.scheduler).scale = rollbacks, scale
+        st.skip_count.copy_(skipped)
+        st.skip_streak.zero_()
+        s = self.session
+        s.skips_at_log = float(skipped)
+        s.loss_sum.zero_()
+        s.n_good.zero_()
+        s.n_loss, s.step_log, s.t_log = 0, st.step, time.perf_counter()
+        s.pbar.n = st.step
+        self._set_lrs()
+        target = f"checkpoint {ckpt.name}" if ckpt is not None else "the current (last good) weights, no checkpoint yet"
+        self._record({"kind": "rollback", "step": st.step, "from_step": at, "to": str(ckpt) if ckpt else None,
+                      "reason": reason, "lr_scale": scale, "rollbacks": rollbacks})
+        if self.is_main:
+            print(f"non-finite guard: step {at}: {reason}; rolled back to {target} (step {st.step}), learning rate "
+                  f"× {scale:g} (rollback {rollbacks} of at most {cfg.max_rollbacks})")
+
+    def _last_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint written outside a streak of skipped steps (else the newest one)."""
+        cks = [p for _, p in self.manager.checkpoints()]
+        for p in reversed(cks):
+            try:
+                state = json.loads((p / STATE_DIR / "state.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if int(state.get("extra", {}).get("guard", {}).get("skip_streak", 0)) == 0:
+                return p
+        return cks[-1] if cks else None
+
+    def _set_lrs(self) -> None:
+        """Each group's lr from the schedule at its current step (after a load or a change of scale)."""
+        sch = self.state.scheduler
+        for g, base, fn in zip(self.state.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+            set_lr(g, base * fn(sch.last_epoch))
+
+    def _budget_s(self) -> float | None:
+        m = getattr(self.cfg, "max_minutes", None)
+        return None if m is None else 60.0 * float(m)
+
+    def _train_time(self) -> float:
+        """Training time of the run so far: earlier sessions + this one, validation / checkpoint / rollback excluded."""
+        st, s = getattr(self, "state", None), getattr(self, "session", None)
+        before = st.train_time_before if st is not None else 0.0
+        return before if s is None else before + (time.perf_counter() - s.t_start - s.overhead)
+
+    def _precision(self) -> str:
+        return {"fp32": "fp32", "bf16": "bf16 (fast path)"}[getattr(self.cfg, "precision", "fp32")]
+
+    def _apply_precision(self) -> None:
+        """``train.precision``: fp32 weights (cast if the model came in another dtype), or bf16 weights (opt-in)."""
+        mode = getattr(self.cfg, "precision", "fp32")
+        if mode not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision: expected fp32 or bf16, got {mode!r}")
+        want = torch.float32 if mode == "fp32" else torch.bfloat16
+        params = [p for p in self.model.parameters() if p.is_floating_point() and p.dtype != want]
+        if not params:
+            return
+        if self.is_main:
+            print(f"train.precision={mode}: casting {sum(p.numel() for p in params):,} parameters "
+                  f"from {params[0].dtype} to {want}")
+        with torch.no_grad():
+            for p in params:  # parameters only: buffers (normalization stats, ...) keep their dtype
+                p.data = p.data.to(want)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        t_fit = time.perf_counter()
         self._prepare_run_dir()
         st = self.state = self.build_state()
-        batches = self._train_batches()
+        self._batches = self._train_batches()
         dev, now = st.device, time.perf_counter()
         self.session = s = _Session(
             start_step=st.step, t_start=now, t_log=now, step_log=st.step, loss_sum=torch.zeros((), device=dev),
-            grad_norm=torch.zeros((), device=dev),
+            grad_norm=torch.zeros((), device=dev), n_good=torch.zeros((), device=dev),
             pbar=tqdm(total=cfg.steps, initial=st.step, disable=not (self.is_main and cfg.progress), unit="step",
                       dynamic_ncols=True, desc="train"),
         )
+        s.skips_at_log = float(st.skip_count)
+        self._startup = {"build_s": now - t_fit, "before_fit_s": t_fit - self.t_created}
+        budget = self._budget_s()
         if st.step >= cfg.steps and self.is_main:
             print(f"nothing to do: the run is already at step {st.step} of train.steps={cfg.steps}")
         while st.step < cfg.steps:
-            out = self.train_step(batches)
-            for loss in out.losses:
-                s.loss_sum += loss.float()
+            out = self.train_step(self._batches)
+            s.t_last_step = time.perf_counter()
+            if s.t_first_step is None:
+                s.t_first_step = s.t_last_step
+            ok = None if out.skipped is None else 1.0 - out.skipped
+            for loss in out.losses:  # losses of skipped steps are left out of the mean
+                s.loss_sum += loss.float() if ok is None else torch.where(ok > 0, loss.float(), 0.0)
+            s.n_good += len(out.losses) if ok is None else ok * len(out.losses)
             s.n_loss += len(out.losses)
             if out.grad_norm is not None:
                 s.grad_norm = out.grad_norm
             s.lr = out.lr
             s.pbar.update(1)
-            if self._due(cfg.log_every):
-                self._log_train()
-            if self._due(cfg.val_every):
-                self._validate()
+            out_of_time = budget is not None and self._train_time() >= budget
             stopping = self.stop_after is not None and st.step >= self.stop_after
-            if self._due(cfg.ckpt_every) or stopping:
-                self._checkpoint()
+            if self._due(cfg.log_every) or out_of_time:
+                if self._log_train():  # the guard rolled back (or gave up): no validation / checkpoint of this step
+                    if s.stopped == "non_finite":
+                        break
+                    continue
+            if self._due(cfg.val_every) or out_of_time:
+                self._validate()
+            if self._due(cfg.ckpt_every) or stopping or out_of_time:
+                if self._checkpoint():
+                    if s.stopped == "non_finite":
+                        break
+                    continue
+            if out_of_time:
+                s.stopped, s.message = "max_minutes", f"time budget train.max_minutes={cfg.max_minutes} reached"
+                if self.is_main:
+                    s.pbar.write(f"step {st.step}: {s.message} ({_fmt_time(self._train_time())} of training)")
+                break
             if stopping:
+                s.stopped = "stop_after"
                 break
         s.pbar.close()
-        return self._finish()
+        summary = self._finish()
+        if s.stopped == "non_finite":
+            raise TrainingDiverged(s.message)
+        return summary
 
     def _prepare_run_dir(self) -> None:
         if self.is_main:
@@ -527,7 +751,9 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         """``summary.json``, the final loss plot and the printed summary."""
         st, s = self.state, self.session
-        wall = time.perf_counter() - s.t_start
+        t_end_loop = time.perf_counter()
+        wall = t_end_loop - s.t_start
+        skipped = int(st.skip_count.item())
         summary = {
             "run_dir": str(self.run_dir), "steps": st.step, "steps_this_session": st.step - s.start_step,
             "time_s": wall, "total_time_s": st.elapsed_before + wall, "final_train_loss": s.last_train,
@@ -537,14 +763,35 @@ class Trainer:
             "global_batch": self.global_batch, "processes": self.world, "device": st.device.type,
             "trainable_params": st.n_trainable, "params": st.n_params,
             "checkpoint": str(s.last_ckpt or self.manager.latest() or ""), "loss_png": str(self.run_dir / "loss.png"),
+            "stopped": s.stopped, "stop_message": s.message, "train_time_s": self._train_time(),
+            "max_minutes": getattr(self.cfg, "max_minutes", None), "precision": getattr(self.cfg, "precision", "fp32"),
+            "skipped_steps": skipped, "rollbacks": st.rollbacks, "lr_scale": schedule_of(st.scheduler).scale,
+            "startup": self._startup_breakdown(),
         }
         if self.is_main:
             self._plot()
+            summary["startup"]["shutdown_s"] = (time.perf_counter() - s.t_last_step) if s.t_last_step else None
             with atomic_file(self.run_dir / "summary.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
             print_summary(summary)
         self.acc.wait_for_everyone()
         return summary
+
+    def _startup_breakdown(self) -> dict[str, float | None]:
+        """Seconds outside the training loop: before :meth:`fit` (process start → Trainer built: imports, data
+        stores, stats, model), :meth:`build_state` (placement, optimizer, resume), the first step (DataLoader workers
+        start, first batch, compilation / graph capture). ``shutdown_s`` (last step → summary: final record,
+        validation, checkpoint, plot) is added by :meth:`_finish`."""
+        s = self.session
+        out: dict[str, float | None] = dict(getattr(self, "_startup", {}))
+        try:
+            import psutil
+
+            out["process_to_trainer_s"] = time.time() - psutil.Process().create_time() - (time.perf_counter() - self.t_created)
+        except Exception:  # noqa: BLE001 - optional
+            out["process_to_trainer_s"] = None
+        out["first_step_s"] = (s.t_first_step - s.t_start) if s.t_first_step else None
+        return out
 
     def _write_config(self) -> None:
         import yaml
@@ -581,10 +828,26 @@ def print_summary(s: Mapping[str, Any]) -> None:
         ("final val loss", "n/a (no held-out episodes)" if val is None else f"{val:.5f}"),
         ("throughput", f"{s['samples_per_s']:.1f} samples/s while training (global batch {s['global_batch']}, "
                        f"{s['processes']} × {s['device']}); {s['val_ckpt_time_s']:.1f}s in validation + checkpoints"),
-        ("parameters", f"{s['trainable_params']:,} trained of {s['params']:,}"),
+        ("parameters", f"{s['trainable_params']:,} trained of {s['params']:,}"
+                       + (f" (weights and moments {s['precision']})" if "precision" in s else "")),
         ("checkpoint", s["checkpoint"]),
         ("loss curve", s["loss_png"]),
     ]
+    if "stopped" in s:
+        why = {"steps": "train.steps reached", "stop_after": "stop_after (session end)",
+               "max_minutes": f"time budget of {s.get('max_minutes')} min reached "
+                              f"({_fmt_time(s['train_time_s'])} of training)",
+               "non_finite": "non-finite guard gave up"}.get(s["stopped"], s["stopped"])
+        rows.insert(1, ("stopped", why + (f": {s['stop_message']}" if s.get("stop_message") and s["stopped"] == "non_finite" else "")))
+        rows.insert(2, ("non-finite guard", f"{s['skipped_steps']} step(s) skipped, {s['rollbacks']} rollback(s), "
+                                            f"learning rate × {s['lr_scale']:g}"))
+    st = s.get("startup") or {}
+    if st:
+        parts = [(k, st.get(k)) for k in ("process_to_trainer_s", "build_s", "first_step_s", "shutdown_s")]
+        names = {"process_to_trainer_s": "process start → trainer (imports, data, stats, model)",
+                 "build_s": "build state", "first_step_s": "first step (loader start, first batch, capture)",
+                 "shutdown_s": "last step → end (final record, validation, checkpoint, plot)"}
+        rows.append(("outside the loop", "; ".join(f"{names[k]} {v:.1f}s" for k, v in parts if v is not None)))
     for k, v in rows:
         t.add_row(k, v)
     Console().print(t)
