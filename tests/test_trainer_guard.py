@@ -178,3 +178,16 @@ def test_adamw_moments_are_fp32_by_default_even_for_bf16_weights(tmp_path):
     assert m2.lin.weight.dtype == torch.bfloat16
     assert all(v.dtype == torch.bfloat16 for st in t2.state.optimizer.optimizer.state.values() for k, v in st.items()
                if k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_config_checks_of_the_new_train_options(tmp_path):
+    from chunkpolicy.config import ConfigError, DatasetConfig, ExperimentConfig, validate
+
+    cfg = ExperimentConfig()
+    cfg.data.datasets = [DatasetConfig(path="x")]
+    for k, v, msg in (("schedule_over", "time", "needs train.max_minutes"), ("precision", "fp16", "must be one of"),
+                      ("max_minutes", 0.0, "must be > 0"), ("rollback_lr_factor", 0.0, "must be in"),
+                      ("max_bad_steps", 0, "must be >= 1")):
+        c = ExperimentConfig(model=cfg.model, data=cfg.data, train=TrainConfig(**{k: v}))
+        with pytest.raises(ConfigError, match=f"train.{k}: .*{msg}"):
+            validate(c, check_paths=False)

@@ -378,6 +378,7 @@ class Trainer:
         if self.is_main:
             self.manager.commit(st.step, tmp)
             self._plot()
+            self._plotted_at = st.step
         acc.wait_for_everyone()
         if os.environ.get(KILL_ENV) == str(st.step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -769,7 +770,8 @@ class Trainer:
             "startup": self._startup_breakdown(),
         }
         if self.is_main:
-            self._plot()
+            if getattr(self, "_plotted_at", None) != st.step:  # the final checkpoint has just drawn it
+                self._plot()
             summary["startup"]["shutdown_s"] = (time.perf_counter() - s.t_last_step) if s.t_last_step else None
             with atomic_file(self.run_dir / "summary.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2))
