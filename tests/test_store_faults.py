@@ -36,9 +36,10 @@ def _tagged_episode(writer: int, k: int, T: int = 4) -> dict:
     }
 
 
-def _writer(path: str, writer: int, n: int, seeds_from: int | None) -> None:
+def _writer(path: str, start, writer: int, n: int, seeds_from: int | None) -> None:
     """One appending process. ``seeds_from`` set: a `collect --resume` style appender (opened once at start, if_absent)."""
     store = EpisodeStore.open(path, mode="a", lock_timeout=60)
+    start.wait(60)  # every writer has its store open before any appends: they race from here
     for k in range(n):
         if seeds_from is None:
             store.append_episode(_tagged_episode(writer, k), seed=writer * 100 + k)
@@ -49,7 +50,8 @@ def _writer(path: str, writer: int, n: int, seeds_from: int | None) -> None:
 
 def _run_writers(path, args_list):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(path), *a)) for a in args_list]
+    start = ctx.Barrier(len(args_list))
+    procs = [ctx.Process(target=_writer, args=(str(path), start, *a)) for a in args_list]
     for p in procs:
         p.start()
     for p in procs:
