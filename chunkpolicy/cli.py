@@ -25,11 +25,7 @@ def _data(args: argparse.Namespace) -> int:
     elif args.data_cmd == "stats":
         commands.cmd_stats(args.store)
     elif args.data_cmd == "verify":
-        try:
-            return commands.cmd_verify(args.store, repair=args.repair)
-        except TimeoutError as e:  # another writer holds the store (repair takes the write lock)
-            print(f"chunkpolicy: error: {e}", file=sys.stderr)
-            return 2
+        return commands.cmd_verify(args.store, repair=args.repair)
     return 0
 
 
@@ -114,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, TimeoutError) as e:  # user errors (TimeoutError: a
+        # store's write lock held by another process): one clear line, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chunkpolicy: error: {msg}", file=sys.stderr)
         return 2

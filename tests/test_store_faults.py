@@ -102,6 +102,17 @@ def test_second_writer_waits_then_fails_naming_the_store(tmp_path):
     assert other.append_episode(_tagged_episode(1, 0)) == 0  # released
 
 
+
+def test_cli_write_on_a_locked_store_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    store = _new(tmp_path)
+    store.append_episode(_tagged_episode(1, 0))
+    monkeypatch.setenv("CHUNKPOLICY_STORE_LOCK_TIMEOUT", "0.1")
+    with EpisodeStore.open(store.path, mode="a").write_lock():
+        assert cli.main(["data", "stats", str(store.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chunkpolicy: error:") and str(store.path) in err and "writing to this episode store" in err
+
+
 def _store_with_episodes(tmp_path, n=3, T=4, stats=False):
     store = _new(tmp_path)
     for k in range(n):
