@@ -1,4 +1,5 @@
-"""Write-then-rename helpers: a crash never leaves a half-written store, checkpoint or results file behind."""
+"""Write-then-rename helpers: a crash never leaves a half-written store, checkpoint or results file behind; and
+:func:`read_json`, which reads such files back with an error that names the file."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _umask() -> int:
@@ -58,3 +59,16 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """``json.loads`` of a file; a missing file or corrupt JSON is one error naming the file."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt JSON ({e})") from None

@@ -34,6 +34,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from chunkpolicy.atomic import read_json
 from chunkpolicy.models.heads.configs import HeadConfig, head_config_class, head_types
 from chunkpolicy.models.policy import PolicyConfig
 
@@ -581,7 +582,7 @@ def _check_model_vs_checkpoint(m: ModelConfig, ckpt: Path) -> None:
     """In post-training the architecture comes from the checkpoint: a model.* value set to something other than its
     default that disagrees with the checkpoint is an error (it would be silently ignored otherwise)."""
     try:  # as from_pretrained reads it (legacy head spelling included; missing fields take their defaults)
-        saved = PolicyConfig.from_dict(json.loads((ckpt / "config.json").read_text())["policy"])
+        saved = PolicyConfig.from_dict(read_json(ckpt / "config.json")["policy"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"posttrain.init_from: cannot read {ckpt / 'config.json'} ({e})") from None
     for key, mine, theirs in _set_and_different(m, saved, PolicyConfig, "model."):
@@ -589,7 +590,7 @@ def _check_model_vs_checkpoint(m: ModelConfig, ckpt: Path) -> None:
                           f"({ckpt}); post-training takes the model from posttrain.init_from")
     space = ckpt / "space.json"
     if space.is_file():
-        sd = json.loads(space.read_text())
+        sd = read_json(space)
         for k, key in (("dim", "unified_dim"), ("layout", "layout")):
             default = {"unified_dim": 32, "layout": "pad"}[key]
             if getattr(m, key) != default and getattr(m, key) != sd.get(k):

@@ -290,3 +290,19 @@ def test_readme_points_at_paths_training_writes():
     readme = (REPO / "README.md").read_text()
     assert "runs/NAME/final" not in readme
     assert "latest checkpoints/step_XXXXXX" in readme
+
+
+def test_corrupt_checkpoint_json_names_the_file(tmp_path):
+    """Regression (issue 14, weak errors): a corrupt JSON file of a checkpoint gave a bare JSONDecodeError."""
+    from chunkpolicy.models.policy import ChunkPolicy
+    from helpers import toy_policy
+
+    toy_policy().save_pretrained(tmp_path / "ck")
+    for name in ("config.json", "normalizer.json", "space.json"):
+        bad = tmp_path / f"bad_{name}"
+        import shutil
+
+        shutil.copytree(tmp_path / "ck", bad)
+        (bad / name).write_text((bad / name).read_text()[:-7])
+        with pytest.raises(ValueError, match=f"{name}: corrupt JSON"):
+            ChunkPolicy.from_pretrained(bad)

@@ -287,3 +287,17 @@ def test_collect_without_resume_on_an_existing_store_suggests_resume(tmp_path):
     msg = str(ei.value)
     assert "--resume" in msg and "1 episodes are kept" in msg and "overwrite" not in msg
     assert len(EpisodeStore.open(out)) == 1
+
+
+def test_training_on_an_empty_store_names_the_store_and_key(tmp_path):
+    """Regression (issue 14, weak errors): an empty store gave "cannot split a store without episodes"."""
+    from chunkpolicy.config import load_config
+    from chunkpolicy.data.synthetic import make_spec
+    from chunkpolicy.training.experiment import prepare
+
+    spec = make_spec("arm", 3, 2, ("top",))
+    EpisodeStore.create(tmp_path / "empty.zarr", spec, 10.0, {"top": (16, 16)})
+    cfg = load_config(None, ["model.backbone=tiny", "model.horizon=4", f"data.datasets=[{{path: {tmp_path / 'empty.zarr'}}}]",
+                             f"train.output_dir={tmp_path / 'run'}", "train.progress=false"])
+    with pytest.raises(ValueError, match=r"data\.datasets\.0\.path: .*empty\.zarr has no episodes"):
+        prepare(cfg)

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from chunkpolicy.atomic import _publish_mode
+from chunkpolicy.atomic import _publish_mode, read_json
 from chunkpolicy.data.store import EpisodeStore
 from chunkpolicy.spaces import EmbodimentSpec
 
@@ -182,15 +182,6 @@ def _offline(root: Path) -> Iterator[None]:
 
 
 # -- reading and checking the local files before lerobot sees them -------------------------------------------------
-def _read_json(path: Path) -> Any:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt JSON ({e})") from None
-
-
 def _read_parquet(path: Path, columns: Sequence[str] | None = None) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -244,7 +235,7 @@ def _check_schema(path: Path, feats: dict, rel: str) -> None:
 def _scan(root: Path, allow_metadata_mismatch: bool, fps_tolerance_s: float) -> dict:
     """Read the metadata and the data's index columns with pyarrow (no lerobot, no network); cross-check them."""
     info_path = root / "meta" / "info.json"
-    info = _read_json(info_path)
+    info = read_json(info_path)
     if not isinstance(info, dict):
         raise ValueError(f"{info_path}: expected a JSON object")
     for field in ("fps", "features", "data_path", "total_episodes", "total_frames"):
@@ -252,7 +243,7 @@ def _scan(root: Path, allow_metadata_mismatch: bool, fps_tolerance_s: float) -> 
             raise ValueError(f"{info_path}: field {field!r} is missing")
     for extra in sorted((root / "meta").glob("*.json")):  # stats.json etc.: lerobot parses them without naming the file
         if extra.name != "info.json":
-            _read_json(extra)
+            read_json(extra)
     feats = info["features"]
     if (root / "meta" / "tasks.parquet").exists() or int(info.get("total_tasks", 1)) > 0:
         _read_parquet(root / "meta" / "tasks.parquet")

@@ -30,7 +30,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from chunkpolicy.atomic import atomic_dir
+from chunkpolicy.atomic import atomic_dir, read_json
 from chunkpolicy.delta_actions import DeltaActions
 from chunkpolicy.models.backbone import Backbone
 from chunkpolicy.models.backbone_config import backbone_config
@@ -395,15 +395,15 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         missing = [f for f in FILES if not (path / f).exists()]
         if missing:
             raise FileNotFoundError(f"{path}: not a chunkpolicy checkpoint, missing {missing}")
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = read_json(path / "config.json")
         if cfg.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: checkpoint format_version {cfg.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
         try:
             config = PolicyConfig.from_dict(cfg["policy"])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path / 'config.json'}: {e}") from None
-        space = UnifiedSpace.from_dict(json.loads((path / "space.json").read_text()))
-        norm = json.loads((path / "normalizer.json").read_text())
+        space = UnifiedSpace.from_dict(read_json(path / "space.json"))
+        norm = read_json(path / "normalizer.json")
         built_for = _read_built_for(path / "model.safetensors")
         _cross_check(path, config, space, norm, built_for)
         tok_dir = path / "tokenizer"

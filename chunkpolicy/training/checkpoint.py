@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from chunkpolicy.atomic import atomic_file
+from chunkpolicy.atomic import atomic_file, read_json
 
 STATE_DIR = "training_state"
 STATE_FORMAT_VERSION = 1
@@ -200,7 +200,7 @@ def read_training_state(ckpt: Path) -> tuple[TrainingState, dict[str, torch.Tens
     sd = Path(ckpt) / STATE_DIR
     if not (sd / "state.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no {STATE_DIR}/state.json (not a training checkpoint)")
-    doc = json.loads((sd / "state.json").read_text())
+    doc = read_json(sd / "state.json")
     if doc.pop("format_version", None) != STATE_FORMAT_VERSION:
         raise ValueError(f"{ckpt}: training state format is not {STATE_FORMAT_VERSION}")
     state = TrainingState(**doc)

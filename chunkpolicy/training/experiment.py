@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from chunkpolicy.atomic import atomic_file
+from chunkpolicy.atomic import atomic_file, read_json
 from chunkpolicy.config import POSTTRAIN_MUTABLE, ExperimentConfig, ModelConfig, to_dict
 from chunkpolicy.data.collate import collate_windows
 from chunkpolicy.data.mixture import MixtureDataset, MixtureSampler
@@ -146,6 +146,9 @@ def _windows(cfg: ExperimentConfig, mcfg: PolicyConfig, space: UnifiedSpace, sto
     """Chunk windows of split 0 (train) or 1 (val) of every store that has episodes in it, and their weights."""
     out, weights = [], []
     for i, (ds, store) in enumerate(zip(cfg.data.datasets, stores)):
+        if store.num_episodes == 0:
+            raise ValueError(f"data.datasets.{i}.path: {store.path} has no episodes (an empty store cannot train; "
+                             "collect or import episodes into it first, or remove it from data.datasets)")
         eps = split_episodes(store.num_episodes, cfg.data.val_fraction, cfg.data.split_seed, salt=i)[split]
         if len(eps) == 0:
             continue
@@ -194,7 +197,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, *, log: Callable[[str],
         for spec in specs:
             space.register(spec)
     if resume_ckpt is not None:  # same space and normalization as the run being resumed
-        space = UnifiedSpace.from_dict(json.loads((resume_ckpt / "space.json").read_text()))
+        space = UnifiedSpace.from_dict(read_json(resume_ckpt / "space.json"))
         for spec in specs:
             if spec.name not in [s.name for s in space.embodiments]:
                 raise ValueError(f"{resume_ckpt}: resumed space has no embodiment {spec.name!r} (were datasets added?)")
@@ -208,7 +211,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, *, log: Callable[[str],
     val_set = MixtureDataset(val_w, weights=val_p, alpha=cfg.data.alpha) if val_w else None
 
     if resume_ckpt is not None:
-        stats = json.loads((resume_ckpt / "normalizer.json").read_text())["stats"]
+        stats = read_json(resume_ckpt / "normalizer.json")["stats"]
     else:
         new_stats = embodiment_stats(train_w)
         stats = merge_stats(base.normalizer.to_dict()["stats"], new_stats, cfg.posttrain.recompute_stats) if base is not None else new_stats
