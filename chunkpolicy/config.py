@@ -285,7 +285,7 @@ def _unknown_head_key(key: str, cls: type, source: str) -> str:
     options = [f.name for f in fields(cls) if f.name != "type"]
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], options, n=1, cutoff=0.6)
     hint = f" (did you mean {'model.head.' + close[0]!r}?)" if close else ""
-    return f"{key}: unknown key; head {getattr(cls, 'TAG', cls.__name__)!r} has {sorted(options)}{hint} [{source}]"
+    return f"{key}: unknown key; head {cls.TAG or cls.__name__!r} has {sorted(options)}{hint} [{source}]"
 
 
 _HEAD_SPELLING = "a head name or a mapping with a 'type' tag"

@@ -6,7 +6,7 @@ Only ``transformers`` config classes are touched here: nothing is built or downl
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from transformers import GemmaConfig, PaliGemmaConfig, SiglipVisionConfig
@@ -90,7 +90,3 @@ def backbone_config(preset: str, **overrides: Any) -> BackboneConfig:
     if unknown:
         raise ValueError(f"unknown backbone config fields {unknown}")
     return replace(PRESETS[preset], **overrides)
-
-
-def config_dict(cfg: BackboneConfig) -> dict[str, Any]:
-    return asdict(cfg)

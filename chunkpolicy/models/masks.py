@@ -19,12 +19,6 @@ def blockwise_mask(q_valid: torch.Tensor, q_block: torch.Tensor, k_valid: torch.
     return m[:, None]
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean attention mask (True = attend) → additive (0 / -inf) in ``dtype``. Built once per chunk and shared by
-    every layer and step: SDPA would otherwise convert a boolean mask on every call (extra kernels per layer)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
 def mask_bias(mask: torch.Tensor) -> torch.Tensor:
     """bool attention mask → additive fp32 bias (0 where allowed, -inf elsewhere), same shape."""
     return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from chunkpolicy.models import flow
 
@@ -20,10 +20,11 @@ _CONFIGS: dict[str, type["HeadConfig"]] = {}
 class HeadConfig:
     """Base of every head config; ``type`` is the registry tag (the head's name)."""
 
+    TAG: ClassVar[str | None] = None  # set by register_head_config
     type: str = ""
 
     def __post_init__(self) -> None:
-        want = getattr(type(self), "TAG", None)
+        want = type(self).TAG
         if want is not None and self.type != want:
             raise ValueError(f"head type: {type(self).__name__} is the config of head {want!r}, got type={self.type!r}")
 
