@@ -8,7 +8,10 @@ vision) under bf16 autocast. chunkpolicy runs with bf16 weights in the --modes:
 * ``compiled``: the same with ``torch.compile``d layers (``Backbone.compile_layers`` / ``head.compile_layers``);
 * ``graph``: :class:`chunkpolicy.training.graphed_step.GraphedTrainStep` (the whole step as one CUDA graph, capturable
   fused AdamW, gradient norm computed) over the compiled layers;
-* ``fp32``: fp32 master weights + bf16 autocast, eager, at the first batch size (reference).
+* ``fp32``: fp32 master weights + bf16 autocast, eager, at the first batch size (reference);
+* ``graph_fp32``: the trainer's default precision (``train.precision=fp32``: fp32 weights and fp32 AdamW moments,
+  bf16 autocast) in the whole-step CUDA graph over compiled layers, as ``train.compile=true train.cuda_graph=true``
+  runs it.
 
 and the same modes for the ``small`` preset (--small-preset). A batch that runs out of memory is retried with
 gradient checkpointing. MFU = model FLOPs per sample (counted by FlopCounterMode on one forward + backward of ours;
@@ -58,15 +61,16 @@ def train_batch(policy, B: int, device: str) -> dict:
 def ours_step(args, preset: str, B: int, mode: str, ckpt: bool):
     """(policy, optimizer, step) for one of the --modes (see the module docstring)."""
     dev = args.device
-    policy = L.make_policy(preset, "flow_expert", dev, torch.float32 if mode == "fp32" else torch.bfloat16).train()
+    fp32 = mode in ("fp32", "graph_fp32")
+    policy = L.make_policy(preset, "flow_expert", dev, torch.float32 if fp32 else torch.bfloat16).train()
     policy.backbone.set_gradient_checkpointing(ckpt)
-    if mode in ("compiled", "graph"):
+    if mode in ("compiled", "graph", "graph_fp32"):
         policy.compile_layers()
     params = [p for p in policy.parameters() if p.requires_grad]
     batch = train_batch(policy, B, dev)
-    if mode == "graph":
+    if mode in ("graph", "graph_fp32"):
         opt = capturable_adamw(params, 1e-5, dev)
-        graphed = GraphedTrainStep(policy, opt, batch, max_grad_norm=None)
+        graphed = GraphedTrainStep(policy, opt, batch, max_grad_norm=None, autocast=fp32)
         return policy, opt, lambda: graphed(batch)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.startswith("cuda"))
     autocast = mode == "fp32" and dev.startswith("cuda")
@@ -169,7 +173,8 @@ def ours_make(args, preset: str, B: int, mode: str):
 
 
 WEIGHTS = {"eager": "bf16", "compiled": "bf16, compiled layers", "graph": "bf16, compiled layers, whole-step CUDA graph",
-           "fp32": "fp32 + bf16 autocast"}
+           "fp32": "fp32 + bf16 autocast", "graph_fp32": "fp32 weights and moments + bf16 autocast, compiled layers, "
+           "whole-step CUDA graph"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset, args.small_preset, args.batch, args.steps, args.image_size = "tiny", "", [2], 2, 32
         args.skip_lerobot = True  # LeRobot's pi0 is always pi0-size: ~64 GB to train in fp32 on a CPU
     if not args.device.startswith("cuda"):
-        args.modes = [m for m in args.modes if m != "graph"]  # CUDA graphs need a GPU
+        args.modes = [m for m in args.modes if not m.startswith("graph")]  # CUDA graphs need a GPU
     torch.backends.cuda.matmul.allow_tf32 = True
     results: dict = {"meta": {
         "command": " ".join(["benchmarks/throughput.py"] + (argv if argv is not None else sys.argv[1:])),

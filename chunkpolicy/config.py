@@ -123,6 +123,17 @@ class TrainConfig:
     # with a final checkpoint; None: no limit (train.steps still caps the run)
     max_minutes: Optional[float] = None
     schedule_over: str = "steps"  # "steps" | "time": warm-up in steps, then the cosine decay over max_minutes
+    # experiment trackers (chunkpolicy.training.trackers): [] | [tensorboard] | [tensorboard, wandb] (wandb offline
+    # unless WANDB_MODE=online); files under output_dir/tensorboard and output_dir/wandb
+    log_with: list[str] = field(default_factory=list)
+    # numerical health (chunkpolicy.training.diagnostics): max |weight| and AdamW moment ranges in each train record;
+    # the batches of the first probe_nonfinite skipped steps replayed eagerly to name where the overflow happened
+    # (run_dir/nonfinite/); every probe_every steps (0: never) the same probe on the current batch, for trends
+    # (attention logits, activations, gradient norms per parameter); probe_repeats noise draws per probe
+    log_health: bool = True
+    probe_nonfinite: int = 3
+    probe_every: int = 0
+    probe_repeats: int = 3
 
 
 @dataclass
@@ -502,10 +513,19 @@ def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     _need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", f"must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
     _need(bool(t.output_dir), "train.output_dir", "must be set")
     _need(t.precision in TRAIN_PRECISION, "train.precision", f"must be one of {TRAIN_PRECISION}, got {t.precision!r}")
+    _need(t.probe_nonfinite >= 0, "train.probe_nonfinite", f"must be >= 0, got {t.probe_nonfinite}")
+    _need(t.probe_every >= 0, "train.probe_every", f"must be >= 0 (0: off), got {t.probe_every}")
+    _need(t.probe_repeats >= 1, "train.probe_repeats", f"must be >= 1, got {t.probe_repeats}")
     _need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _need(t.max_rollbacks >= 0, "train.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")
     _need(0 < t.rollback_lr_factor <= 1, "train.rollback_lr_factor", f"must be in (0, 1], got {t.rollback_lr_factor}")
     _need(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", f"must be > 0 (or null), got {t.max_minutes}")
+    try:
+        from chunkpolicy.training.trackers import check_trackers
+
+        check_trackers(t.log_with)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _need(t.schedule_over in SCHEDULE_OVER, "train.schedule_over", f"must be one of {SCHEDULE_OVER}, got {t.schedule_over!r}")
     _need(t.schedule_over != "time" or t.max_minutes is not None, "train.schedule_over",
           "'time' needs train.max_minutes (the schedule's length)")

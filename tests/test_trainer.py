@@ -25,7 +25,7 @@ from chunkpolicy.training.optim import (
     set_lr, tensor_lrs,
 )
 from chunkpolicy.training.plots import read_metrics
-from chunkpolicy.training.trainer import KILL_ENV, Trainer
+from chunkpolicy.training.trainer import KILL_ENV, POISON_ENV, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,9 +55,13 @@ def _write_cfg(path: Path, stores, **train) -> Path:
     return path
 
 
-def _train(cfg: Path, out: Path, *extra: str, kill_at: int | None = None, workers: int = 0):
+def _train(cfg: Path, out: Path, *extra: str, kill_at: int | None = None, workers: int = 0,
+           poison_at: int | None = None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop(KILL_ENV, None)
+    env.pop(POISON_ENV, None)
+    if poison_at is not None:
+        env[POISON_ENV] = str(poison_at)
     if kill_at is not None:
         env[KILL_ENV] = str(kill_at)
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(cfg), f"train.output_dir={out}",
@@ -258,6 +262,26 @@ def test_cuda_graph_training_matches_eager_and_resumes_exactly(stores, tmp_path)
     resumed = _train(cfg, tmp_path / "res", "train.cuda_graph=true", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(tmp_path / "res") == g  # a new graph is captured on resume: same losses, bit for bit
+
+
+@pytest.mark.parametrize("mode", ["eager", pytest.param("graph", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the benchmark machine)"))])
+def test_runaway_weight_is_skipped_probed_and_rolled_back_through_train_py(stores, tmp_path, mode):
+    """A weight turned inf before step 5 (eager, or CUDA graph on a GPU): every step is non-finite from then on, the
+    guard skips them, the probe names the call that overflowed, the run rolls back to its step-3 checkpoint (finite
+    weights) and finishes with finite weights on disk."""
+    cfg = _write_cfg(tmp_path / "cfg.yaml", stores, steps=9, max_bad_steps=2, probe_repeats=1)
+    extra = ("train.cuda_graph=true",) if mode == "graph" else ("train.cpu=true",)
+    r = _train(cfg, tmp_path / "run", *extra, poison_at=5)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = read_metrics(tmp_path / "run/metrics.jsonl")
+    summ = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summ["skipped_steps"] >= 2 and summ["rollbacks"] == 1 and summ["stopped"] == "steps"
+    assert [r["step"] for r in recs if r["kind"] == "rollback"] and max(_losses(tmp_path / "run")) == 9
+    probe = next(r for r in recs if r["kind"] == "nonfinite")
+    assert probe["step"] == 5 and probe["reproduced"] == 1 and " at models/" in probe["first_nonfinite_forward"]
+    w = load_file(str(tmp_path / "run/checkpoints/step_000009/training_state/trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values())
 
 
 def test_lr_schedule_warmup_then_cosine_to_final():

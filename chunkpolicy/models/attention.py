@@ -20,10 +20,26 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale).type_as(x)
 
 
+def training_attention_backends() -> None:
+    """Take PyTorch's cuDNN SDPA backend out of training (process-wide; called by the trainer and GraphedTrainStep).
+
+    Its backward returned NaN gradients for finite inputs on an H200 (torch 2.11, bf16, our additive masks): the
+    cause of the MT10 long-run NaNs (issue 15; BENCHMARKS.md "Long runs"). Its forward is not affected, so inference
+    keeps it. Training then runs the memory-efficient kernel, which needs as many key/value heads as query heads:
+    :func:`attend` repeats them while gradients are on."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def attend(layer: nn.Module | FusedLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SDPA over ``q [B, h, Lq, d]``, ``k/v [B, h_kv, Lk, d]`` (grouped-query aware) → ``[B, Lq, h·d]``."""
     scale = layer.scaling if isinstance(layer, FusedLayer) else layer.self_attn.scaling
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and torch.is_grad_enabled():
+        # the fused training kernels (memory-efficient, flash) take no grouped-query attention: without cuDNN
+        # (training_attention_backends) SDPA would fall back to the slow math kernel
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
+from chunkpolicy.models.attention import training_attention_backends
 from chunkpolicy.models.policy import ChunkPolicy
 from chunkpolicy.training.optim import tensor_lrs
 
@@ -55,6 +56,7 @@ class GraphedTrainStep:
                  skip_nonfinite: bool = True) -> None:
         if policy.device.type != "cuda":
             raise ValueError(f"GraphedTrainStep needs the policy on a CUDA device, it is on {policy.device}")
+        training_attention_backends()  # no cuDNN attention in training: its backward made NaNs (issue 15)
         for i, g in enumerate(optimizer.param_groups):
             if not g.get("capturable", False):
                 raise ValueError(f"optimizer: param group {i} is not capturable (build it with capturable_adamw or capturable=True)")

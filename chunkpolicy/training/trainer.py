@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 import signal
 import time
 from contextlib import nullcontext
@@ -64,9 +65,11 @@ from torch import nn
 
 from chunkpolicy.atomic import atomic_file
 from chunkpolicy.data.mixture import MixtureSampler
+from chunkpolicy.models.attention import training_attention_backends
 from chunkpolicy.training.checkpoint import (
     STATE_DIR, CheckpointManager, TrainingState, load_rng, read_training_state, save_rng, write_training_state,
 )
+from chunkpolicy.training.diagnostics import HEALTH_KEYS, optimizer_health, probe_step
 from chunkpolicy.training.ema import EMA
 from chunkpolicy.training.distributed import LossModule, ShardedBatchSampler, make_accelerator, to_device, unused_parameters
 from chunkpolicy.training.optim import (
@@ -76,9 +79,12 @@ from chunkpolicy.training.optim import (
 )
 
 __all__ = ["Trainer", "TrainState", "StepOutput", "TrainingDiverged", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device",
-           "unused_parameters", "default_export", "print_summary", "KILL_ENV"]
+           "unused_parameters", "default_export", "print_summary", "KILL_ENV", "POISON_ENV"]
 
 KILL_ENV = "CHUNKPOLICY_TEST_KILL_AFTER_CKPT"  # test hook: SIGKILL this process right after checkpoint <step>
+# test hook: before step <step>, one weight of the first trainable parameter becomes inf (a runaway weight, the same in
+# eager and CUDA-graph steps: the graph reads the parameter in place); the guard must skip, roll back and recover
+POISON_ENV = "CHUNKPOLICY_TEST_POISON_WEIGHT_AT_STEP"
 
 
 def default_export(model: nn.Module, path: Path) -> None:
@@ -118,6 +124,7 @@ class TrainState:
     resumed_from: Path | None = None
     skip_count: Any = None  # device: steps skipped by the non-finite guard, whole run
     skip_streak: Any = None  # device: consecutive skipped steps up to now
+    recent_skips: Any = None  # device [log_every]: skip flag of step n at n % log_every, since the last train record
     rollbacks: int = 0
 
 
@@ -216,6 +223,10 @@ class Trainer:
         self.global_batch = cfg.batch_size * self.world * cfg.grad_accum
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.t_created = time.perf_counter()
+        # host batches of the current logging interval (step, [micro-batches]): a step the guard skipped is replayed
+        # from them by the non-finite probe; the latest step's batch for the periodic probe
+        self._recent_batches: deque[tuple[int, list]] = deque(maxlen=cfg.log_every)
+        self._probes_done = 0
         latest = self.manager.latest()
         if latest is not None and not resume:
             raise FileExistsError(f"{self.run_dir} already has checkpoints (latest {latest.name}); pass --resume to "
@@ -259,6 +270,8 @@ class Trainer:
         after everything that draws from the RNGs at build time, the checkpoint is loaded last): the model on the
         device (DDP's unused-parameter probe, ``train.compile``), optimizer, schedule, accelerate's wrapping, EMA, the
         data sampler, validation batches, seeds, then on ``--resume`` the latest checkpoint's state."""
+        if self.acc.device.type == "cuda":
+            training_attention_backends()  # no cuDNN attention in training: its backward made NaNs (issue 15)
         from accelerate.utils import set_seed
 
         cfg, acc = self.cfg, self.acc
@@ -295,7 +308,7 @@ class Trainer:
         sampler = MixtureSampler(self.train_set, num_samples=n_samples, seed=cfg.seed)
         st = TrainState(device=dev, graphed=graphed, wrapper=wrapper, optimizer=optimizer, scheduler=scheduler, ema=ema,
                         sampler=sampler, val_loader=self._val_loader(), skip_count=torch.zeros((), device=dev),
-                        skip_streak=torch.zeros((), device=dev))
+                        skip_streak=torch.zeros((), device=dev), recent_skips=torch.zeros(cfg.log_every, device=dev))
         self.state = st
         set_seed(cfg.seed, device_specific=True)  # training noise differs per process, data order does not
         ckpt = self.manager.latest() if self.resume else None
@@ -440,10 +453,14 @@ class Trainer:
         :meth:`_micro_step`), then the schedule, EMA and counters. No host syncs: losses and the norm stay on the
         device."""
         st = self.state
-        losses, gnorm, skipped = [], None, None
+        losses, gnorm, skipped, host = [], None, None, []
+        if os.environ.get(POISON_ENV) == str(st.step + 1) and not st.rollbacks:
+            with torch.no_grad():
+                st.trainable[0].view(-1)[0] = float("inf")
         self._window_bad = torch.zeros((), dtype=torch.bool, device=st.device)
         for _ in range(self.cfg.grad_accum):  # 1 in graph mode
-            loss, g, sk = self._micro_step(to_device(next(batches), st.device))
+            host.append(next(batches))
+            loss, g, sk = self._micro_step(to_device(host[-1], st.device))
             losses.append(loss)
             gnorm = gnorm if g is None else g
             skipped = skipped if sk is None else sk
@@ -455,7 +472,10 @@ class Trainer:
         if skipped is not None:  # device-side counters, read at the next train record
             st.skip_count += skipped
             st.skip_streak.add_(1.0).mul_(skipped)
+            st.recent_skips[(st.step + 1) % self.cfg.log_every].copy_(skipped)
         st.step += 1
+        self._recent_batches.append((st.step, host))  # host batches of the interval: a skipped one gets probed
+        self._last_host = (st.step, host)
         st.samples_seen += self.global_batch
         return StepOutput(losses, gnorm, lr, skipped)
 
@@ -472,6 +492,8 @@ class Trainer:
         if self.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if getattr(self, "trackers", None) is not None:
+                self.trackers.log_record(rec)
 
     def _truncate_metrics(self, step: int) -> None:
         from chunkpolicy.training.plots import read_metrics
@@ -526,18 +548,29 @@ class Trainer:
         mean = self.acc.reduce(s.loss_sum / s.n_good.clamp(min=1.0), "mean")
         good = self.acc.reduce(s.n_good, "sum")
         # the one host sync of the interval: loss, gradient norm and the guard's counters together
-        loss, good, gnorm, skipped_total, streak = torch.stack(
-            [mean.float(), good.float(), s.grad_norm.float().reshape(()), st.skip_count, st.skip_streak]).tolist()
+        parts = [mean.float(), good.float(), s.grad_norm.float().reshape(()), st.skip_count, st.skip_streak]
+        if self.cfg.log_health:
+            parts += list(optimizer_health(st.optimizer, st.device))
+        values = torch.cat([torch.stack(parts), st.recent_skips]).tolist()
+        st.recent_skips.zero_()
+        loss, good, gnorm, skipped_total, streak = values[:5]
+        health = dict(zip(HEALTH_KEYS, values[5:8])) if self.cfg.log_health else {}
+        flags = values[len(parts):]
         s.last_train = loss if good > 0 else float("nan")
         now = time.perf_counter()
         rate = (st.step - s.step_log) * self.global_batch / max(now - s.t_log, 1e-9)
         rec = {"kind": "train", "step": st.step, "loss": s.last_train if good > 0 else None, "lr": s.lr,
                "grad_norm": gnorm if math.isfinite(gnorm) else None, "samples_per_s": rate, "samples": st.samples_seen,
                "epoch": st.epoch, "time_s": st.elapsed_before + now - s.t_start, "train_time_s": self._train_time()}
+        rec.update({k: v if math.isfinite(v) else None for k, v in health.items()})
         if skipped_total > 0:
             rec.update(skipped=int(skipped_total - s.skips_at_log), skipped_total=int(skipped_total),
                        skip_streak=int(streak))
         self._record(rec)
+        bad_steps = [n for n, _ in self._recent_batches if n > s.step_log and flags[n % self.cfg.log_every] > 0]
+        for n in bad_steps[: max(0, self.cfg.probe_nonfinite - self._probes_done)]:
+            self._timed(lambda n=n: self._probe(n, "nonfinite"))
+        self._recent_batches.clear()
         s.pbar.set_postfix(loss=f"{s.last_train:.4f}", lr=f"{s.lr:.2e}", sps=f"{rate:.1f}", refresh=False)
         if skipped_total > s.skips_at_log and self.is_main:
             s.pbar.write(f"step {st.step}: {int(skipped_total - s.skips_at_log)} step(s) skipped since the last record "
@@ -551,6 +584,43 @@ class Trainer:
                           f"(train.max_bad_steps={self.cfg.max_bad_steps})")
             return True
         return False
+
+    def _probe(self, step: int, kind: str) -> None:
+        """Replay step ``step``'s batch eagerly with :func:`~chunkpolicy.training.diagnostics.probe_step`; writes
+        ``nonfinite/step_XXXXXX[_rankR].json`` (+ the batch as ``.pt`` for a skipped step) and a ``kind`` record
+        (``nonfinite``: a step the guard skipped; ``probe``: the periodic trend probe)."""
+        found = [b for n, b in self._recent_batches if n == step]
+        if not found:
+            return
+        cfg = self.cfg
+        seeds = [cfg.seed * 1000 + step * 10 + i for i in range(cfg.probe_repeats)]
+        try:
+            rep = probe_step(self.model, found[0][0], seeds=seeds, autocast=cfg.mixed_precision == "bf16",
+                             device=self.state.device)
+        except Exception as e:  # a diagnostic never stops training; say why it could not run
+            rep = {"error": f"{type(e).__name__}: {e}"}
+        tag = f"step_{step:06d}" + (f"_rank{self.rank}" if self.world > 1 else "")
+        out_dir = self.run_dir / ("nonfinite" if kind == "nonfinite" else "probes")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out_dir / f"{tag}.json") as tmp:
+            tmp.write_text(json.dumps({"step": step, "kind": kind, **rep}, indent=1, default=str))
+        if kind == "nonfinite":
+            self._probes_done += 1
+            with atomic_file(out_dir / f"{tag}_batch.pt") as tmp:  # clones: a collated batch is views of one block
+                torch.save([{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in mb.items()} for mb in found[0]], tmp)
+        reps = rep.get("repeats", [])
+        first = next((r["first_nonfinite_forward"] for r in reps if r.get("first_nonfinite_forward")), None)
+        bwd = next((r["backward_error"] for r in reps if r.get("backward_error")), None)
+        logits = [r["attention_logit_absmax"] for r in reps if r.get("attention_logit_absmax") is not None]
+        rec = {"kind": kind, "step": step, "report": str(out_dir / f"{tag}.json"), "error": rep.get("error"),
+               "reproduced": rep.get("reproduced"), "repeats": len(reps),
+               "losses": [r["loss"] for r in reps], "attention_logit_absmax": max(logits, default=None),
+               "first_nonfinite_forward": first and f"{first['call']} at {first['site']}", "backward_error": bwd}
+        self._record({k: v for k, v in rec.items() if v is not None})
+        if kind == "nonfinite" and self.is_main:
+            where = rec.get("first_nonfinite_forward") or bwd or "not reproduced in an eager replay"
+            self.session.pbar.write(f"step {step}: non-finite probe ({rec['reproduced']}/{len(reps)} replays non-finite): "
+                                    f"{where}; report {rec['report']}")
 
     def _timed(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, its time counted as overhead (not against samples/s)."""
@@ -686,6 +756,8 @@ class Trainer:
         t_fit = time.perf_counter()
         self._prepare_run_dir()
         st = self.state = self.build_state()
+        from chunkpolicy.training.trackers import Trackers  # train.log_with: TensorBoard / wandb (offline)
+        self.trackers = Trackers(getattr(cfg, "log_with", None), self.run_dir, self.config_dict, is_main=self.is_main)
         self._batches = self._train_batches()
         dev, now = st.device, time.perf_counter()
         self.session = s = _Session(
@@ -720,6 +792,9 @@ class Trainer:
                     if s.stopped == "non_finite":
                         break
                     continue
+            if cfg.probe_every and st.step % cfg.probe_every == 0:
+                self._recent_batches.append(self._last_host)  # (the train record may have just cleared them)
+                self._timed(lambda: self._probe(st.step, "probe"))
             if self._due(cfg.val_every) or out_of_time:
                 self._validate()
             if self._due(cfg.ckpt_every) or stopping or out_of_time:
@@ -737,6 +812,7 @@ class Trainer:
                 break
         s.pbar.close()
         summary = self._finish()
+        self.trackers.finish()
         if s.stopped == "non_finite":
             raise TrainingDiverged(s.message)
         return summary

@@ -1,0 +1,14 @@
+# Source on a bare GPU host of the device tool (no network there): installs what travelled in the ignored, carried
+# folders and sets the environment. Carry: wheels (transformers 5.5.4 and the project's other pins: the host's own
+# transformers breaks SigLIP), .simpkgs (mujoco, gymnasium, glfw, pyopengl wheels + metaworld_pruned.tar.xz: the
+# package with only the assets the 50 v3 tasks load, to fit the 64 MiB transfer), .gl (libEGL / libOpenGL debs for
+# MUJOCO_GL=egl). Only what is present is installed.
+python -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | grep -v "^WARNING" || true
+if [ -d .simpkgs ]; then
+  python -m pip install -q --no-deps --no-index .simpkgs/*.whl 2>&1 | grep -v "^WARNING" || true
+  site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  [ -f .simpkgs/metaworld_pruned.tar.xz ] && tar xJf .simpkgs/metaworld_pruned.tar.xz -C "$site"
+fi
+if [ -d .gl ]; then for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; fi
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MUJOCO_GL=egl PYTHONUNBUFFERED=1
+export __EGL_VENDOR_LIBRARY_FILENAMES=${__EGL_VENDOR_LIBRARY_FILENAMES:-/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json}
