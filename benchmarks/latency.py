@@ -11,6 +11,9 @@ pre-processor needs a hub tokenizer). Training throughput: benchmarks/throughput
 
     python benchmarks/latency.py --out latency.json                    # GPU, pi0-size (paligemma-3b)
     python benchmarks/latency.py --quick --device cpu --out q.json     # smoke test with the tiny preset
+    python benchmarks/latency.py --flow-head '{state_token: expert, time_convention: openpi, invalid_dims: noise}'
+                                     # the flow rows with an imported LeRobot pi0's head layout (pi05: add
+                                     # time_conditioning: adarms, state_token: none)
 """
 
 from __future__ import annotations
@@ -119,9 +122,9 @@ def flow_latency(args, rows, results) -> None:
     from chunkpolicy.runtime.graphs import CudaGraphPolicy
 
     dev, dtype = args.device, args.dtype
-    policy = make_policy(args.preset, FlowExpertConfig(), dev, dtype).eval()
+    policy = make_policy(args.preset, FlowExpertConfig(**args.flow_head), dev, dtype).eval()
     n_params = sum(p.numel() for p in policy.parameters())
-    base = {"model": "chunkpolicy flow_expert", "params": n_params}
+    base = {"model": "chunkpolicy flow_expert" + (f" {args.flow_head}" if args.flow_head else ""), "params": n_params}
     for n_cam in args.cams:
         reset_peak(dev)
         obs = observation(n_cam, 1, dev, args.image_size)
@@ -293,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-flow", dest="flow", action="store_false", help="skip the flow_expert latency rows")
     p.add_argument("--profile-dir", help="write GPU kernel tables of the graphed flow chunk here")
     p.add_argument("--quick", action="store_true", help="tiny preset, few calls (CPU smoke test)")
+    p.add_argument("--flow-head", default="{}", help="flow_expert options (YAML mapping), e.g. the layout of an imported "
+                   "LeRobot pi0: '{state_token: expert, time_convention: openpi, invalid_dims: noise}'")
     args = p.parse_args(argv)
+    import yaml
+
+    args.flow_head = yaml.safe_load(args.flow_head) or {}
     args.only = [s.strip() for s in args.only.split(",")]
     args.modes, args.cams = args.modes.split(","), [int(c) for c in args.cams.split(",")]
     args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

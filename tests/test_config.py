@@ -96,7 +96,7 @@ def test_unknown_key_is_named(store, tmp_path):
     p = _yaml(tmp_path, {"data": {"datasets": [{"path": store}]}})
     assert _err(p, ["train.lrr=3"]).startswith("train.lrr: unknown key; did you mean 'train.lr'?")
     assert _err(p, ["optim.lr=3"]).startswith("optim.lr: unknown key")
-    assert _err(p, ["model.head.bogus=1"]).startswith("model.head.bogus: unknown key; head 'flow_expert' has ['max_period', ")
+    assert _err(p, ["model.head.bogus=1"]).startswith("model.head.bogus: unknown key; head 'flow_expert' has ['invalid_dims', 'max_period', ")
 
 
 def test_wrong_type_is_named(store, tmp_path):

@@ -5,8 +5,9 @@ config: nothing is downloaded. Real weights are an explicit, separate step (:met
 
 Prefix layout (P tokens): ``[image tokens (N cams × T_obs frames) | text tokens | state token]`` with a blockwise mask:
 images + text attend bidirectionally among themselves, the state token attends to everything before it, and nothing
-in the prefix attends to the state token or to any later (suffix) token. Invalid tokens (masked cameras, text padding)
-are never attended to. The Gemma layers are run here layer by layer (SDPA with an explicit boolean mask) so the
+in the prefix attends to the state token or to any later (suffix) token (``state_token=False``: no state token, for heads
+that embed the state themselves as π0's expert does, or π0.5's state-in-prompt). Invalid tokens (masked cameras, text
+padding) are never attended to. The Gemma layers are run here layer by layer (SDPA with an explicit boolean mask) so the
 per-layer keys/values can be handed to a head that shares attention with the backbone (π0's action expert).
 
 Sizes and presets: :mod:`chunkpolicy.models.backbone_config`; the layer pieces: :mod:`chunkpolicy.models.attention`;
@@ -36,11 +37,14 @@ from chunkpolicy.models.prefix import Prefix, PrefixOutput
 class Backbone(nn.Module):
     """SigLIP + Gemma prefix encoder (see the module docstring). ``state_dim`` is the unified dim D."""
 
-    def __init__(self, config: BackboneConfig, state_dim: int = 32) -> None:
+    def __init__(self, config: BackboneConfig, state_dim: int = 32, state_token: bool = True) -> None:
         super().__init__()
         self.config = config
         self.model = PaliGemmaModel(config.to_hf())  # parameter names match PaliGemmaForConditionalGeneration's
-        self.state_proj = nn.Linear(state_dim, config.width)
+        # state_token=False (a head that embeds the state itself, or π0.5's state-in-prompt): no state token in the
+        # prefix and no state_proj weights; the placeholder keeps ``state_proj.weight.dtype/device`` readable.
+        self.state_token = bool(state_token)
+        self.state_proj = nn.Linear(state_dim, config.width) if state_token else _NoStateProj()
         self.width, self.num_layers = config.width, (config.depth if config.variant == "paligemma" else 0)
         self.num_kv_heads, self.head_dim, self.vocab_size = config.kv_heads, config.head_dim, config.vocab_size
         self.gradient_checkpointing = False
@@ -140,6 +144,12 @@ class Backbone(nn.Module):
         img = feats.reshape(B, N * T * n_img, self.width)
         img_valid = image_mask.bool()[:, :, None].expand(B, N, T * n_img).reshape(B, -1)
         txt = self.embed_tokens(input_ids).to(dtype)
+        if not self.state_token:  # the head embeds the state (π0), or it is in the prompt (π0.5)
+            embeds = torch.cat([img, txt], dim=1)
+            valid = torch.cat([img_valid, attention_mask.bool()], 1)
+            block = torch.zeros_like(valid, dtype=torch.long)
+            positions = (torch.cumsum(valid.long(), 1) - 1).clamp_min(0)
+            return Prefix(embeds, valid, block, positions)
         st = self.state_proj(torch.where(state_mask.bool(), state[:, -1], torch.zeros_like(state[:, -1])).to(dtype))[:, None]
         embeds = torch.cat([img, txt, st], dim=1)
         valid = torch.cat([img_valid, attention_mask.bool(), torch.ones(B, 1, dtype=torch.bool, device=embeds.device)], 1)
@@ -186,7 +196,10 @@ class Backbone(nn.Module):
         mine = replace(self.config, variant="paligemma")
         if asdict(want) != asdict(mine):
             diff = {k: (v, asdict(mine)[k]) for k, v in asdict(want).items() if asdict(mine)[k] != v}
-            raise ValueError(f"{path}: weights do not match backbone config (checkpoint vs ours): {diff}")
+            hint = ", ".join(f"{k}={v[0]}" for k, v in diff.items())
+            raise ValueError(f"{path}: weights do not match backbone config (checkpoint vs ours): {diff}; build the "
+                             f"backbone with backbone_overrides {{{hint}}} (model.backbone_overrides), or convert the "
+                             f"directory with `chunkpolicy model import {path} OUT --format paligemma`")
         hf = PaliGemmaForConditionalGeneration.from_pretrained(str(path), local_files_only=True, dtype=self.state_proj.weight.dtype)
         state = hf.model.state_dict()
         own = self.model.state_dict()
@@ -198,16 +211,54 @@ class Backbone(nn.Module):
 
     @staticmethod
     def config_from_pretrained(path: str | Path) -> BackboneConfig:
-        """Backbone sizes read from a local PaliGemma ``config.json``."""
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        v, t = cfg["vision_config"], cfg["text_config"]
+        """Backbone sizes of a local PaliGemma directory, read by ``transformers``' own ``PaliGemmaConfig`` (so values
+        a hub ``config.json`` leaves out, e.g. ``vision_config.image_size`` or ``text_config.head_dim``, take
+        ``transformers``' defaults exactly as ``from_pretrained`` would). The vocabulary is the checkpoint's (hub
+        PaliGemma: 257,216 rows, 257,152 of them used by its tokenizer). Raises ``ValueError`` naming the file for a
+        config that is not PaliGemma or that this backbone cannot represent."""
+        from transformers import PaliGemmaConfig
+
+        path = Path(path)
+        cj = path / "config.json"
+        if not cj.is_file():
+            raise FileNotFoundError(f"{cj}: missing (expected a PaliGemma save_pretrained / hub directory)")
+        try:
+            raw = json.loads(cj.read_text())
+        except ValueError as e:
+            raise ValueError(f"{cj}: unreadable JSON ({e})") from None
+        if raw.get("model_type") != "paligemma":
+            raise ValueError(f"{cj}: model_type is {raw.get('model_type')!r}, expected 'paligemma'")
+        hf = PaliGemmaConfig.from_pretrained(str(path), local_files_only=True)
+        v, t = hf.vision_config, hf.text_config
+        theta = (getattr(t, "rope_parameters", None) or {}).get("rope_theta", getattr(t, "rope_theta", 10000.0))
+        rope_type = (getattr(t, "rope_parameters", None) or {}).get("rope_type", "default")
+        problems = []
+        if rope_type != "default":
+            problems.append(f"text_config rope_type {rope_type!r} (only the default RoPE is supported)")
+        if getattr(v, "vision_use_head", False):
+            problems.append("vision_config.vision_use_head is true (PaliGemma's tower has no pooling head)")
+        if v.projection_dim != t.hidden_size:
+            problems.append(f"vision_config.projection_dim {v.projection_dim} != text_config.hidden_size {t.hidden_size}")
+        for name, act in (("text_config", t.hidden_act), ("vision_config", v.hidden_act)):
+            if act != "gelu_pytorch_tanh":
+                problems.append(f"{name} activation {act!r} (Gemma / SigLIP use 'gelu_pytorch_tanh')")
+        if problems:
+            raise ValueError(f"{cj}: cannot be represented by the chunkpolicy backbone: " + "; ".join(problems))
         return BackboneConfig(
-            image_size=v["image_size"], patch_size=v["patch_size"], vision_width=v["hidden_size"],
-            vision_depth=v["num_hidden_layers"], vision_heads=v["num_attention_heads"], vision_mlp=v["intermediate_size"],
-            width=t["hidden_size"], depth=t["num_hidden_layers"], mlp=t["intermediate_size"],
-            heads=t["num_attention_heads"], kv_heads=t["num_key_value_heads"], head_dim=t.get("head_dim", t["hidden_size"] // t["num_attention_heads"]),
-            vocab_size=t["vocab_size"], rope_theta=t.get("rope_theta", 10000.0),
+            image_size=v.image_size, patch_size=v.patch_size, vision_width=v.hidden_size, vision_depth=v.num_hidden_layers,
+            vision_heads=v.num_attention_heads, vision_mlp=v.intermediate_size, width=t.hidden_size,
+            depth=t.num_hidden_layers, mlp=t.intermediate_size, heads=t.num_attention_heads,
+            kv_heads=t.num_key_value_heads, head_dim=t.head_dim, vocab_size=t.vocab_size, rope_theta=float(theta),
         )
+
+
+class _NoStateProj(nn.Module):
+    """Stands in for ``Backbone.state_proj`` when the prefix has no state token: no parameters, nothing in the
+    state dict; its empty ``weight`` buffer follows ``.to()`` so callers can still read the backbone's dtype/device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.empty(0), persistent=False)
 
 
 def _layer_step(layer, x, cos, sin, mask, kv_only: bool):

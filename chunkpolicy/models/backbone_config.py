@@ -79,7 +79,12 @@ PRESETS: dict[str, BackboneConfig] = {
         width=64, depth=2, mlp=128, heads=4, kv_heads=1, head_dim=16, vocab_size=1280,
     ),
 }
-PRESETS["siglip"] = replace(PRESETS["paligemma-3b"], variant="siglip")
+# SigLIP So400m/14 + a light text path: no Gemma layers, and a small token embedding (the character tokenizer's ~104 ids
+# with room to spare, 2.6 M parameters) instead of Gemma's 257,152 × 2048 table (526.6 M). With a real tokenizer set
+# vocab_size = len(tokenizer). Vision weights: `chunkpolicy model import DIR OUT --format siglip` (a transformers
+# SigLIP checkpoint) or --format paligemma. Checkpoints written before this change recorded vocab_size 257152: they
+# load with backbone_overrides {vocab_size: 257152}.
+PRESETS["siglip"] = replace(PRESETS["paligemma-3b"], variant="siglip", vocab_size=1280)
 
 
 def backbone_config(preset: str, **overrides: Any) -> BackboneConfig:

@@ -34,7 +34,7 @@ from chunkpolicy.atomic import atomic_dir, read_json
 from chunkpolicy.delta_actions import DeltaActions
 from chunkpolicy.models.backbone import Backbone
 from chunkpolicy.models.backbone_config import backbone_config
-from chunkpolicy.models.heads.base import Guidance, build_head
+from chunkpolicy.models.heads.base import Guidance, build_head, head_class
 from chunkpolicy.models.heads.configs import FlowExpertConfig, HeadConfig, as_head_config, head_config
 from chunkpolicy.models.tokenizer import build_char_tokenizer, load_tokenizer, tokenize_prompts
 from chunkpolicy.normalize import Normalizer
@@ -64,6 +64,8 @@ class PolicyConfig:
     state_norm: str = "mean_std"
     modality_dropout: float = 0.0  # per-sample probability of dropping each camera / the prompt while training
     delta_actions: bool = False
+    # π0.5: the normalized state, discretized into 256 bins, is written into the prompt (see ChunkPolicy.state_prompts)
+    state_in_prompt: bool = False
 
     def __post_init__(self) -> None:
         self.head = as_head_config(self.head)
@@ -94,7 +96,9 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         super().__init__()
         self.config, self.space = config, space
         self.normalizer = Normalizer(space, stats, {"action": config.action_norm, "state": config.state_norm})
-        self.backbone = Backbone(backbone_config(config.backbone, **config.backbone_overrides), state_dim=space.dim)
+        caps = head_class(config.head.type).capabilities(config.head)  # decides whether the prefix has a state token
+        self.backbone = Backbone(backbone_config(config.backbone, **config.backbone_overrides), state_dim=space.dim,
+                                 state_token=caps.prefix_state_token)
         self.head = build_head(config.head.type, config.head, self.backbone, config.horizon, space.dim)
         _check(config.action_norm in self.head.caps.action_norms,
                f"action_norm: the {config.head.type} head cannot represent {config.action_norm!r} actions "
@@ -104,12 +108,17 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         _check(len(tokenizer) <= self.backbone.vocab_size,
                f"tokenizer has {len(tokenizer)} ids but the backbone vocabulary has {self.backbone.vocab_size}")
         reserved = self.head.reserved_token_base
-        _check(reserved is None or len(tokenizer) <= reserved,
-               f"tokenizer ids (< {len(tokenizer)}) overlap the {config.head.type} head's reserved ids (>= {reserved})")
+        if reserved is not None and self.head.reserved_token_pattern is not None:
+            _check_overwritable(tokenizer, range(reserved, self.head.reserved_token_end), self.head.reserved_token_pattern,
+                                config.head.type)
+        else:
+            _check(reserved is None or len(tokenizer) <= reserved,
+                   f"tokenizer ids (< {len(tokenizer)}) overlap the {config.head.type} head's reserved ids (>= {reserved})")
         self.tokenizer = tokenizer
         self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.register_buffer("_action_masks", space.mask_table("action"), persistent=False)
-        self.register_buffer("_state_masks", space.mask_table("state"), persistent=False)
+        for kind in ("action", "state"):  # a space may start empty (an imported PaliGemma: post-training adds robots)
+            table = space.mask_table(kind) if space.embodiments else torch.zeros(0, space.dim, dtype=torch.bool)
+            self.register_buffer(f"_{kind}_masks", table, persistent=False)
         self.deltas = DeltaActions.for_space(space)  # used only when config.delta_actions
 
     @property
@@ -168,21 +177,46 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         for key in ("state", "action"):
             self.normalizer.check_ids(key, ids)
         emb = emb_in.to(dev).long()
-        ids, am = self._tokenize(list(batch["prompt"]))
+        state = batch["state"].to(dev).float()
+        prompts = list(batch["prompt"])
+        if self.config.state_in_prompt:
+            prompts = self.state_prompts(prompts, state, emb, ids)
+        ids, am = self._tokenize(prompts, raw=self.config.state_in_prompt)
         return {
             "images": batch["images"].to(dev), "image_mask": batch["image_mask"].to(dev).bool(), "input_ids": ids,
-            "attention_mask": am, "state": batch["state"].to(dev).float(), "state_mask": self._masks(batch, "state", emb),
+            "attention_mask": am, "state": state, "state_mask": self._masks(batch, "state", emb),
             "action_mask": self._masks(batch, "action", emb), "embodiment": emb,
         }
 
-    def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def state_prompts(self, tasks: Sequence[str], state: torch.Tensor, embodiment: torch.Tensor,
+                      host_ids: Sequence[int]) -> list[str]:
+        """π0.5 prompts (``config.state_in_prompt``): the normalized state of the last observation step, in each
+        robot's own dims and order, discretized into 256 bins over [-1, 1] (bin ``digitize(x, linspace(-1, 1, 257)[:-1])
+        - 1``: values below -1 give -1, above 1 give 255, as openpi / LeRobot compute it) and written as
+        ``"Task: {task}, State: {b_0 b_1 ...};\nAction: "`` (task stripped, ``_`` and newlines → spaces).
+        ``state [B, T_obs, D]`` robot units; one device→host copy of the normalized state."""
+        import numpy as np
+
+        if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(f"prompt: expected a list of strings, got {type(tasks).__name__}")
+        norm = self.normalizer.normalize("state", state[:, -1], embodiment, check=False).cpu().numpy()
+        edges = np.linspace(-1.0, 1.0, 256 + 1)[:-1]
+        out = []
+        for task, row, e in zip(tasks, norm, host_ids):
+            bins = np.digitize(self.space.unpad(row, int(e), "state"), bins=edges) - 1
+            text = task.strip().replace("_", " ").replace("\n", " ")
+            out.append(f"Task: {text}, State: {' '.join(map(str, bins))};\nAction: ")
+        return out
+
+    def _tokenize(self, prompts: list[str], raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`tokenize_prompts` on the policy's device, memoised per prompt list: a control loop repeats one
-        instruction, and tokenizing it anew (plus two host→device copies) costs ~0.1–0.3 ms per chunk."""
+        instruction, and tokenizing it anew (plus two host→device copies) costs ~0.1–0.3 ms per chunk. ``raw``: the
+        prompts are complete (π0.5's state prompts), tokenized as given."""
         ok = all(isinstance(p, str) for p in prompts)
-        key = (id(self.tokenizer), str(self.device), *prompts) if ok else None  # tokenizer or device swapped: a miss
+        key = (id(self.tokenizer), str(self.device), raw, *prompts) if ok else None  # tokenizer or device swapped: a miss
         hit = self._token_cache.get(key) if key is not None else None
         if hit is None:
-            hit = tokenize_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens, device=self.device)
+            hit = tokenize_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens, device=self.device, raw=raw)
             if key is not None:
                 if len(self._token_cache) >= 256:  # bounded: training batches rarely repeat
                     self._token_cache.pop(next(iter(self._token_cache)))
@@ -242,7 +276,15 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             image_mask, am = self._modality_dropout(image_mask, am, generator)
         pout, _ = self._encode(inputs, image_mask, am, hidden=self.head.caps.reads_prefix_hidden)
         head_batch = {k: inputs[k] for k in ("actions", "action_mask", "action_is_pad")}
+        if self.head.caps.embeds_state:
+            head_batch["state"] = self._head_state(inputs)
         return self.head.loss(self.backbone, pout, head_batch, generator=generator)
+
+    def _head_state(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalized state of the last observation step with invalid dims 0, ``[B, D]``, for heads that embed the
+        state themselves (``caps.embeds_state``, π0's expert); the same values the backbone's state token gets."""
+        st = self.normalizer.normalize("state", inputs["state"], inputs["embodiment"], check=False)[:, -1]
+        return torch.where(inputs["state_mask"].bool(), st, torch.zeros_like(st))
 
     def compile_layers(self, **compile_kw: Any) -> None:
         """``torch.compile`` the per-layer training work of the backbone and, where it has one, of the head
@@ -280,8 +322,10 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         kw: dict[str, Any] = {"guidance": guidance} if guidance is not None else {}
         if fused and "head" in fused:
             kw["layers"] = fused["head"]
-        return self.head.sample(self.backbone, prefix_out, {"action_mask": inputs["action_mask"]}, num_steps=num_steps,
-                                noise=noise, **kw)
+        head_batch = {"action_mask": inputs["action_mask"]}
+        if self.head.caps.embeds_state:
+            head_batch["state"] = self._head_state(inputs).to(self.backbone.state_proj.weight.dtype)
+        return self.head.sample(self.backbone, prefix_out, head_batch, num_steps=num_steps, noise=noise, **kw)
 
     def postprocess(self, actions: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Normalized unified ``actions [B, H, D]`` → robot units (unified dims; invalid dims 0): unnormalize, then
@@ -345,7 +389,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         """What the weights were built for (``model.safetensors`` metadata)."""
         bb = backbone_config(self.config.backbone, **self.config.backbone_overrides)
         return {"horizon": int(self.config.horizon), "n_obs_steps": int(self.config.n_obs_steps),
-                "head": asdict(self.config.head), "backbone": asdict(bb)}
+                "state_in_prompt": bool(self.config.state_in_prompt), "head": asdict(self.config.head), "backbone": asdict(bb)}
 
     def _delta_record(self) -> dict[str, Any]:
         """What the action stats were computed on (``normalizer.json`` ``delta_actions``): absolute actions, or deltas
@@ -436,6 +480,19 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         return policy.to(map_location)
 
 
+def _check_overwritable(tokenizer: Any, ids: range, pattern: str, head: str) -> None:
+    """The ids a head overwrites must be ordinary tokens of ``tokenizer`` matching ``pattern`` (never a special token)."""
+    import re
+
+    _check(len(tokenizer) >= ids.stop, f"tokenizer has {len(tokenizer)} ids; the {head} head overwrites ids "
+                                       f"[{ids.start}, {ids.stop}) expecting tokens {pattern!r} there")
+    toks = tokenizer.convert_ids_to_tokens(list(ids))
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    bad = [(i, t) for i, t in zip(ids, toks) if i in special or not isinstance(t, str) or not re.fullmatch(pattern, t)]
+    _check(not bad, f"the {head} head overwrites tokenizer ids [{ids.start}, {ids.stop}) expecting tokens {pattern!r}, "
+                    f"but the tokenizer has {bad[:3]} there (not a PaliGemma tokenizer?)")
+
+
 def _delta_dims(space: UnifiedSpace) -> dict[str, list[str]]:
     """``{embodiment: [action dims that are deltas]}`` as ``space`` defines them."""
     return {spec.name: [n for n, m in zip(spec.action_names, spec.delta_action_mask()) if m] for spec in space.embodiments}
@@ -473,7 +530,7 @@ def _cross_check(path: Path, config: PolicyConfig, space: UnifiedSpace, norm: Ma
         errs.append(f"{cj}: policy.{field} is {have!r}, but {other} records {key} = {want!r}")
 
     if built_for is not None:
-        for k in ("horizon", "n_obs_steps"):
+        for k in ("horizon", "n_obs_steps", "state_in_prompt"):
             if k in built_for and getattr(config, k) != built_for[k]:
                 differ(k, getattr(config, k), wf, f"built_for.{k}", built_for[k])
     modes = norm.get("modes")
@@ -514,7 +571,10 @@ def _arch_diffs(path: Path, config: PolicyConfig, built_for: Mapping[str, Any] |
     rec_head = built_for.get("head")
     if isinstance(rec_head, Mapping):
         have = json.loads(json.dumps(asdict(config.head)))  # as recorded: tuples become lists
+        defaults = json.loads(json.dumps(asdict(type(config.head)(type=config.head.type))))
         for k in sorted(set(have) | set(rec_head)):
+            if k not in rec_head and have.get(k) == defaults.get(k):
+                continue  # a head option added after the checkpoint was written, at its default (= old behaviour)
             if k not in ChunkPolicy._INFERENCE_HEAD_FIELDS and have.get(k) != rec_head.get(k):
                 errs.append(f"{cj}: policy.head.{k} is {have.get(k)!r}, but {wf} records built_for.head.{k} = {rec_head.get(k)!r}")
     rec_bb = built_for.get("backbone")

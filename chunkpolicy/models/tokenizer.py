@@ -66,14 +66,15 @@ def load_tokenizer(path: str | os.PathLike):
         raise
 
 
-def _encode(tokenizer, prompts, max_length: int) -> dict[str, list[list[int]]]:
-    """π0-style ``prompt + "\\n"`` with the tokenizer's own special tokens, right-padded to ``max_length`` (lists);
-    a prompt longer than ``max_length`` tokens raises, naming it."""
+def _encode(tokenizer, prompts, max_length: int, raw: bool = False) -> dict[str, list[list[int]]]:
+    """π0-style ``prompt + "\\n"`` (``raw``: the prompt as given, e.g. π0.5's ``"Task: ..., State: ...;\\nAction: "``)
+    with the tokenizer's own special tokens, right-padded to ``max_length`` (lists); a prompt longer than
+    ``max_length`` tokens raises, naming it."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt: expected a list of strings, got {type(prompts).__name__}")
     prompts = list(prompts)
-    enc = tokenizer([p.strip() + "\n" for p in prompts], padding="max_length", padding_side="right", truncation=False,
-                    max_length=max_length, add_special_tokens=True)
+    enc = tokenizer([p if raw else p.strip() + "\n" for p in prompts], padding="max_length", padding_side="right",
+                    truncation=False, max_length=max_length, add_special_tokens=True)
     long = [(len(x), p) for x, p in zip(enc["input_ids"], prompts) if len(x) > max_length]
     if long:
         n, p = max(long)
@@ -94,9 +95,11 @@ def check_prompts(tokenizer, prompts, max_length: int) -> int:
     return max(sum(m) for m in _encode(tokenizer, prompts, max_length)["attention_mask"])
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int, device=None,
+                     raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """π0-style ``prompt + "\\n"`` with the tokenizer's special tokens (BOS first for Gemma), right-padded to
-    ``max_length`` → ``input_ids [B, L]``, ``attention_mask [B, L]``. A prompt longer than ``max_length`` raises."""
-    enc = _encode(tokenizer, prompts, max_length)
+    ``max_length`` → ``input_ids [B, L]``, ``attention_mask [B, L]``. A prompt longer than ``max_length`` raises.
+    ``raw``: prompts are tokenized as given (no strip, no newline)."""
+    enc = _encode(tokenizer, prompts, max_length, raw)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     return ids.to(device), torch.tensor(enc["attention_mask"], dtype=torch.bool).to(device)

@@ -60,6 +60,11 @@ class HeadCapabilities:
         the fitted state travels in :meth:`ActionHead.state_files`.
     may_fail: ``sample`` can fail for some samples (NaN chunk, ``last_valid`` False).
     action_norms: the action normalizations the head can represent.
+    prefix_state_token: the backbone's prefix ends with a state token (``Backbone.state_proj``). False when the
+        head embeds the state itself (it then reads the normalized ``state [B, D]`` from its batch) or when the
+        state is not a token at all (π0.5 writes it into the prompt).
+    embeds_state: the head reads the normalized, masked ``state [B, D]`` (last observation step) from the batch
+        given to ``loss`` / ``sample`` and embeds it itself.
     """
 
     velocity: bool = False
@@ -71,12 +76,18 @@ class HeadCapabilities:
     needs_data_fit: bool = False
     may_fail: bool = False
     action_norms: tuple[str, ...] = MODES
+    prefix_state_token: bool = True
+    embeds_state: bool = False
 
 
 class ActionHead(nn.Module, ABC):
     """Base class; see the module docstring for the contract."""
 
     reserved_token_base: int | None = None  # first backbone vocabulary id the head reserves for itself (tokens head)
+    reserved_token_end: int | None = None  # one past its last reserved id
+    # None: the prompt tokenizer must not reach the reserved ids; a regex: the head overwrites tokenizer ids whose
+    # tokens all match it (least-used ids, e.g. PaliGemma's <loc> tokens), which the policy checks
+    reserved_token_pattern: str | None = None
     inference_methods: tuple[str, ...] = ()  # hot methods of sampling worth torch.compile-ing (runtime.graphs)
 
     def __init__(self, cfg: Any, backbone: nn.Module, horizon: int, action_dim: int) -> None:

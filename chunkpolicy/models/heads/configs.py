@@ -77,10 +77,37 @@ def as_head_config(value: "HeadConfig | str | Mapping[str, Any]") -> "HeadConfig
     raise TypeError(f"head: expected a HeadConfig, a head name or a mapping with 'type', got {value!r}")
 
 
+FLOW_STATE_TOKENS = ("prefix", "expert", "none")
+FLOW_TIME_CONVENTIONS = ("tau", "openpi")
+FLOW_INVALID_DIMS = ("zero", "noise")
+FLOW_TIME_CONDITIONING = ("concat", "adarms")
+
+
 @register_head_config("flow_expert")
 @dataclass
 class FlowExpertConfig(HeadConfig):
-    """``width``/``mlp`` None: π0 sizes for a 2048-wide backbone (1024 / 4096), else half the backbone width / 4×."""
+    """``width``/``mlp`` None: π0 sizes for a 2048-wide backbone (1024 / 4096), else half the backbone width / 4×.
+
+    The remaining options exist so that π0 / π0.5 checkpoints (openpi, LeRobot) run exactly; the defaults are this
+    library's own design:
+
+    * ``state_token``: ``"prefix"`` — the state is the backbone prefix's last token (``Backbone.state_proj``, width
+      W); ``"expert"`` — π0: the state is the first token of the expert's suffix, embedded by the head's own
+      ``state_proj`` (D → w) and run through the expert layers (it attends to the prefix and itself; the actions
+      attend to it). It does not depend on the noisy actions, so its keys/values are computed once per chunk;
+      ``"none"`` — π0.5: no state token anywhere (the policy writes the discretized state into the prompt, see
+      ``PolicyConfig.state_in_prompt``).
+    * ``time_convention``: ``"tau"`` — the expert is fed τ (0 = noise) and predicts ``a − ε``; ``"openpi"`` — it is
+      fed openpi's t = 1 − τ (1 = noise) and its output layer predicts openpi's ``ε − a``, negated here into our
+      velocity, so imported weights are used unchanged.
+    * ``invalid_dims``: ``"zero"`` — unified dims outside the embodiment's action mask are held at exactly 0 in the
+      noisy input; ``"noise"`` — π0: every one of the D dims starts from noise and is integrated (the expert sees
+      them), invalid dims are zeroed only in the returned chunk. Losses average over valid dims either way.
+    * ``time_conditioning``: ``"concat"`` — π0: ``[action_in(x) | sinusoid(t)]`` → ``time_in`` → swish →
+      ``time_out``; ``"adarms"`` — π0.5: action tokens are ``action_in(x)`` alone and ``sinusoid(t)`` → ``time_in``
+      → swish → ``time_out`` → swish conditions every expert RMSNorm (scale, shift and a residual gate, each
+      ``Linear(w → 3w)``) and the final norm.
+    """
 
     type: str = "flow_expert"
     width: int | None = None
@@ -88,6 +115,17 @@ class FlowExpertConfig(HeadConfig):
     num_steps: int = flow.DEFAULT_STEPS
     min_period: float = 4e-3
     max_period: float = 4.0
+    state_token: str = "prefix"
+    time_convention: str = "tau"
+    invalid_dims: str = "zero"
+    time_conditioning: str = "concat"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, allowed in (("state_token", FLOW_STATE_TOKENS), ("time_convention", FLOW_TIME_CONVENTIONS),
+                              ("invalid_dims", FLOW_INVALID_DIMS), ("time_conditioning", FLOW_TIME_CONDITIONING)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"flow_expert {name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 DIT_OBJECTIVES = ("diffusion", "flow")
@@ -119,17 +157,33 @@ class DiTConfig(HeadConfig):
 
 
 ACTION_TOKENIZERS = ("bins", "mulaw", "fast")
+TOKEN_ID_LAYOUTS = ("tail", "paligemma")
 
 
 @register_head_config("tokens")
 @dataclass
 class TokensConfig(HeadConfig):
+    """``reserved``: where the action ids (+ ``<act>``, ``<end>``) live in the backbone vocabulary.
+
+    * ``"tail"`` — the last ids of the embedding table, which the prompt tokenizer must not reach (the character
+      tokenizer and the ``tiny`` / ``small`` presets).
+    * ``"paligemma"`` — on a real PaliGemma vocabulary (257,152 ids: Gemma's 256,000, then 1,024 ``<loc0000..1023>``
+      at 256,000–257,023, then 128 ``<seg000..127>``): the least-used ids for robot prompts are overwritten, as RT-2 /
+      OpenVLA do. The block is the top of the ``<loc>`` range, ``[257,024 − n, 257,024)`` with ``<act>``, ``<end>``
+      its last two ids (π0-FAST fills the same range, ``id = 257,023 − t``), so it holds at most 1,024 ids: ``bins`` (256 + 2) fits, ``mulaw`` (1,024 + 2) and
+      ``fast`` need ``fast_vocab`` ≤ 1,022. The policy checks that every reserved id is a ``<loc>`` token of its
+      tokenizer.
+    """
+
     type: str = "tokens"
     tokenizer: str = "bins"  # "bins" (RT-2 / OpenVLA) | "mulaw" (Gato) | "fast" (FAST DCT + BPE)
     fast_vocab: int = 1024
     fast_scale: float = 10.0
+    reserved: str = "tail"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tokenizer not in ACTION_TOKENIZERS:
             raise ValueError(f"tokens tokenizer must be one of {ACTION_TOKENIZERS}, got {self.tokenizer!r}")
+        if self.reserved not in TOKEN_ID_LAYOUTS:
+            raise ValueError(f"tokens reserved must be one of {TOKEN_ID_LAYOUTS}, got {self.reserved!r}")

@@ -1,8 +1,10 @@
 """``tokens``: the discrete autoregressive baseline on the same backbone.
 
 An action chunk's valid dims are tokenized (:mod:`chunkpolicy.models.action_tokenizers`: bins, μ-law or FAST) and
-mapped onto the **last** ids of the backbone vocabulary (RT-2 / OpenVLA overwrite the least-used ids; here the tail of
-the vocabulary is reserved): ``[action ids | <act> | <end>]``. The backbone's own Gemma LM continues the cached prefix
+mapped onto a reserved block of the backbone vocabulary, ``[action ids | <act> | <end>]``: by default its **last** ids
+(``reserved="tail"``, for tokenizers that do not reach them), or on a real PaliGemma vocabulary the least-used ids, its
+``<loc>`` tokens, which are overwritten as RT-2 / OpenVLA overwrite theirs (``reserved="paligemma"``, see
+:class:`~chunkpolicy.models.heads.configs.TokensConfig`). The prompt keeps the tokenizer's own BOS convention. The backbone's own Gemma LM continues the cached prefix
 with ``<act> t_1 … t_n <end>`` (causal among action tokens, full view of the prefix) and the tied LM head predicts the
 next token; cross-entropy covers action tokens (and ``<end>``) only. Decoding is greedy and KV-cached, restricted to the
 reserved ids. A sequence that cannot be decoded (wrong length, ids outside the tokenizer, ``<act>`` inside the chunk)
@@ -31,6 +33,9 @@ from chunkpolicy.models.prefix import PrefixOutput
 from chunkpolicy.models.heads.base import ActionHead, HeadCapabilities, register_head
 from chunkpolicy.models.heads.configs import TokensConfig
 
+PALIGEMMA_LOC_END = 257024  # one past <loc1023>: PaliGemma's ids are Gemma's 256,000, 1,024 <loc>, 128 <seg>
+PALIGEMMA_LOCS = 1024
+
 
 @register_head("tokens")
 class TokensHead(ActionHead):
@@ -45,9 +50,21 @@ class TokensHead(ActionHead):
         kw = {"vocab_size": cfg.fast_vocab, "scale": cfg.fast_scale} if cfg.tokenizer == "fast" else {}
         self.tokenizer = make_action_tokenizer(cfg.tokenizer, **kw)
         n = self.tokenizer.vocab_size + 2
-        if n >= backbone.vocab_size:
-            raise ValueError(f"{cfg.tokenizer}: {n} reserved ids do not fit the backbone vocabulary of {backbone.vocab_size}")
-        self.base = self.reserved_token_base = backbone.vocab_size - n  # first reserved id
+        if cfg.reserved == "paligemma":
+            if backbone.vocab_size < PALIGEMMA_LOC_END:
+                raise ValueError(f"tokens reserved='paligemma' needs a PaliGemma vocabulary (>= {PALIGEMMA_LOC_END} ids), "
+                                 f"the backbone has {backbone.vocab_size}")
+            if n > PALIGEMMA_LOCS:
+                raise ValueError(f"{cfg.tokenizer}: {n} reserved ids do not fit PaliGemma's {PALIGEMMA_LOCS} <loc> ids "
+                                 "(reserved='paligemma'; use bins, or fast with fast_vocab <= 1022)")
+            end = PALIGEMMA_LOC_END
+            self.reserved_token_pattern = r"<loc\d{4}>"  # the policy checks its tokenizer has these tokens there
+        else:
+            if n >= backbone.vocab_size:
+                raise ValueError(f"{cfg.tokenizer}: {n} reserved ids do not fit the backbone vocabulary of {backbone.vocab_size}")
+            end = backbone.vocab_size
+        self.base = self.reserved_token_base = end - n  # first reserved id; the block is [base, end)
+        self.reserved_token_end = end
         self.act_id, self.end_id = self.base + self.tokenizer.vocab_size, self.base + self.tokenizer.vocab_size + 1
         self.last_invalid_count, self.last_valid = 0, None
 
@@ -117,8 +134,9 @@ class TokensHead(ActionHead):
             new_cache.append((k, v))
             pk, pv = prefix_out.kv[li]
             x = finish(layer, x, attend(layer, q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), mask))
-        logits = backbone.lm_logits(backbone.model.language_model.norm(x))
-        return logits[..., self.base :], new_cache
+        # tied LM head restricted to the reserved rows: on a 257k vocabulary the full logits would be ~1000x the work
+        rows = backbone.model.language_model.embed_tokens.weight[self.base : self.reserved_token_end]
+        return backbone.model.language_model.norm(x) @ rows.T, new_cache
 
     # -- interface ------------------------------------------------------------------------------------------------
     def loss(self, backbone: Backbone, prefix_out: PrefixOutput, batch: dict, *,

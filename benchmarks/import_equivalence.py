@@ -1,0 +1,84 @@
+"""Imported LeRobot π0 / π0.5 vs LeRobot itself at full size (GPU): same observation, same initial noise.
+
+Builds a full-size LeRobot 0.6.1 ``PI0Policy`` / ``PI05Policy`` with random weights (its own code, its real sizes,
+``tests/import_fixtures.py`` with ``reduced=False``), saves it with LeRobot's ``save_pretrained``, imports it with
+``chunkpolicy.models.importers``, and reports max |diff| of the action chunks (robot units, after both sides'
+normalization) in the chosen dtype. The prompt tokenizer is the offline character tokenizer (PaliGemma's is a hub
+download); its ids are valid PaliGemma ids, so the numbers test the same network. The CPU tests do the same at a
+reduced size in fp32 (``tests/test_import_lerobot.py``, tolerance 1e-4).
+
+    python benchmarks/import_equivalence.py --kind pi0 --device cuda --dtype bfloat16 --out import_pi0.json
+    python benchmarks/import_equivalence.py --kind pi05 --device cuda --dtype bfloat16 --out import_pi05.json
+    python benchmarks/import_equivalence.py --kind pi0 --device cuda --dtype float32 --out import_pi0_fp32.json
+
+Latency of the imported layout (weights' values do not change it): ``benchmarks/latency.py --flow-head
+'{state_token: expert, time_convention: openpi, invalid_dims: noise}' --modes eager,graph,compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kind", choices=("pi0", "pi05"), default="pi0")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import import_fixtures as fx
+
+    from chunkpolicy.models.importers import import_checkpoint
+    from chunkpolicy.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    H, B, dt = 50, args.batch, getattr(torch, args.dtype)
+    res = {"kind": args.kind, "device": args.device, "dtype": args.dtype, "batch": B, "horizon": H}
+    with tempfile.TemporaryDirectory() as d:
+        t = time.time()
+        lerobot, pre, post = fx.build_lerobot_policy(args.kind, Path(d) / "src", reduced=False, image=224, horizon=H,
+                                                     tokenizer=tok, prompt_len=48 if args.kind == "pi0" else 200,
+                                                     dtype=args.dtype, device=args.device)
+        res["build_s"] = time.time() - t
+        t = time.time()
+        report, ours = import_checkpoint(Path(d) / "src", Path(d) / "ours", f"lerobot-{args.kind}", tokenizer=tok,
+                                         return_policy=True)
+        res["import_s"] = time.time() - t
+        print(report.summary())
+    ours = ours.to(args.device, dt).eval()
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(B, 2, 3, 224, 224, generator=g)
+    state = torch.randn(B, 8, generator=g) * 2
+    noise = torch.randn(B, H, 32, generator=g)
+    tasks = ["pick up the red cube", "open the drawer"][:B] + ["push"] * max(0, B - 2)
+    batch = {"observation.images.top": imgs[:, 0], "observation.images.wrist": imgs[:, 1], "observation.state": state,
+             "task": tasks}
+    with torch.no_grad():
+        want = post(lerobot.predict_action_chunk(pre(batch), noise=noise.to(args.device))).float().cpu()
+        obs = {"images": imgs[:, :, None].to(args.device), "image_mask": torch.ones(B, 2, dtype=torch.bool),
+               "state": ours.space.pad(state, 0, "state")[:, None].to(args.device), "prompt": tasks,
+               "embodiment": torch.zeros(B, dtype=torch.long)}
+        got = ours.predict_chunk(obs, noise=noise.to(args.device, dt)).float().cpu()
+    res["max_abs_diff"] = (got - want).abs().max().item()
+    res["max_abs_action"] = want.abs().max().item()
+    res["rel_diff"] = res["max_abs_diff"] / max(res["max_abs_action"], 1e-12)
+    print(json.dumps(res, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
