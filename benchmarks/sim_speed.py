@@ -1,14 +1,16 @@
 """Simulator speed and scripted-expert quality.
 
-1. Per env (Meta-World ``push-v3``, Fetch ``push``, Push-T): physics step time (no rendering), render time per camera
-   frame with shadows + multisampling ON (MuJoCo defaults) vs OFF (what the adapters use), and the full adapter step
-   (physics + every camera).
-2. Scripted-expert success per task (Meta-World MT10 and the three Fetch tasks by default) with 95% Wilson intervals,
+1. Per env (Meta-World ``push-v3``, Fetch ``push``, Push-T; ALOHA ``transfer-cube`` with ``--envs``): physics step
+   time (no rendering), render time per camera frame with shadows + multisampling ON (MuJoCo defaults) vs OFF (what
+   the adapters use), and the full adapter step (physics + every camera).
+2. Scripted-expert success per task (Meta-World MT10 and the three Fetch tasks by default; ALOHA's two tasks when
+   ``aloha`` is in ``--envs``) with 95% Wilson intervals,
    measured through :func:`chunkpolicy.sim.collect.collect` into a throw-away store, so the wall time is the real
    collection throughput (workers, rendering and zarr writes included).
 
     python benchmarks/sim_speed.py --out sim_speed.json                      # MT10 × 10 episodes, 64×64
     python benchmarks/sim_speed.py --quick --out /tmp/sim_speed.json         # smoke test
+    python benchmarks/sim_speed.py --envs aloha --episodes 20 --out aloha.json  # ALOHA only
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def _ms(fn, n: int, warmup: int = 3) -> float:
 def _random_actions(env, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     if env.spec.name == "pusht":
         return [rng.uniform(100, 400, 2) for _ in range(n)]
+    if env.spec.name == "aloha":  # joint targets: small moves around the current pose
+        base = env._task.get_qpos(env.physics)
+        return [base + rng.normal(0, 0.05, 14) for _ in range(n)]
     return [rng.uniform(-1, 1, env.spec.action_dim) for _ in range(n)]
 
 
@@ -67,10 +72,14 @@ def time_env(env_name: str, task: str, image_size: tuple[int, int], steps: int, 
                 def phys():
                     if env_name == "metaworld" and raw.curr_path_length >= raw.max_path_length - 1:
                         raw.reset()
+                    if env_name == "aloha":  # raw is the dm_control Physics
+                        env._task.before_step(next(acts), raw)
+                        raw.step(env.n_sub_steps)
+                        return
                     raw.step(next(acts).astype(np.float32))
                 out["physics_step_ms"] = _ms(phys, steps)
             cam = env.spec.cameras[0]
-            data = raw.data
+            data = raw.data.ptr if env_name == "aloha" else raw.data
             out.setdefault("render_ms_per_frame", {})[key] = _ms(lambda: env._renderer.render(data, cam), frames)
         if fast:
             env.reset(1)
@@ -114,10 +123,17 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--image-size", type=int, nargs=2, default=(64, 64))
     p.add_argument("--skip-experts", action="store_true")
+    p.add_argument("--envs", default="metaworld,fetch,pusht",
+                   help="comma list of envs to time and run experts for: metaworld, fetch, pusht, aloha "
+                   "(default metaworld,fetch,pusht)")
     a = p.parse_args()
     from chunkpolicy.sim import metaworld_env
 
     hw = tuple(a.image_size)
+    envs = [e.strip() for e in a.envs.split(",") if e.strip()]
+    unknown = sorted(set(envs) - {"metaworld", "fetch", "pusht", "aloha"})
+    if unknown:
+        p.error(f"--envs: unknown {unknown}; known: metaworld, fetch, pusht, aloha")
     steps, frames = (50, 20) if a.quick else (300, 100)
     episodes = a.episodes or (3 if a.quick else 10)
     mw_tasks = a.metaworld_tasks or ("reach-v3,push-v3,pick-place-v3,door-open-v3,drawer-close-v3" if a.quick else "MT10")
@@ -127,20 +143,27 @@ def main() -> None:
         "config": {"quick": a.quick, "image_size": list(hw), "steps": steps, "frames": frames, "episodes": episodes,
                    "workers": a.workers, "MUJOCO_GL": os.environ.get("MUJOCO_GL"), "cpus": os.cpu_count(),
                    "python": platform.python_version(),
+                   "envs": envs,
                    "versions": {m: version(m) for m in ("mujoco", "metaworld", "gymnasium-robotics", "gym-pusht",
-                                                        "gymnasium")}},
+                                                        "gymnasium") + (("gym-aloha", "dm-control")
+                                                                        if "aloha" in envs else ())}},
         "speed": [],
     }
-    for env_name, task in (("metaworld", "push-v3"), ("fetch", "push"), ("pusht", "push-t")):
+    timed = (("metaworld", "push-v3"), ("fetch", "push"), ("pusht", "push-t"), ("aloha", "transfer-cube"))
+    for env_name, task in timed:
+        if env_name not in envs:
+            continue
         size = hw if env_name != "pusht" else (96, 96)
         print(f"timing {env_name} {task} ...", file=sys.stderr, flush=True)
         result["speed"].append(time_env(env_name, task, size, steps, frames))
     if not a.skip_experts:
-        print(f"experts: metaworld {len(mw_tasks)} tasks × {episodes} ...", file=sys.stderr, flush=True)
-        result["experts"] = {"metaworld": expert_success("metaworld", mw_tasks, episodes, a.workers, hw)}
-        print(f"experts: fetch 3 tasks × {episodes} ...", file=sys.stderr, flush=True)
-        result["experts"]["fetch"] = expert_success("fetch", ["reach", "push", "pick_and_place"], episodes,
-                                                    a.workers, hw)
+        expert_tasks = {"metaworld": mw_tasks, "fetch": ["reach", "push", "pick_and_place"],
+                        "aloha": ["transfer-cube", "insertion"]}
+        result["experts"] = {}
+        for env_name in (e for e in envs if e in expert_tasks):
+            tasks = expert_tasks[env_name]
+            print(f"experts: {env_name} {len(tasks)} tasks × {episodes} ...", file=sys.stderr, flush=True)
+            result["experts"][env_name] = expert_success(env_name, tasks, episodes, a.workers, hw)
 
     print(f"\nSimulator speed (ms; {os.cpu_count()} CPUs, MUJOCO_GL={os.environ.get('MUJOCO_GL')})")
     print(f"{'env':<10} {'task':<8} {'size':>7} {'physics':>8} {'render on':>10} {'render off':>11} {'speedup':>8} {'adapter step':>13}")

@@ -16,7 +16,7 @@ The pieces, each usable on its own:
   episode ran) and ``invalid_chunks``, and the report gives the invalid-decode rate per task and overall. A NaN from a
   head that cannot fail is not replaced: the executor raises on it (a bug, never hidden).
 * :func:`do_nothing_predict_fn` — the baseline: zero motion for relative action dims, hold the current state for
-  absolute dims that have a same-named state dim.
+  action dims that have a same-named state dim (position targets).
 * :func:`run_batch` — one lockstep batch of episodes of one task (the unit of work, in this or a worker process).
 * :func:`evaluate` — per task, ``episodes`` rollouts in lockstep batches of ``num_envs`` envs (seeds
   ``seed + episode index``, disjoint from the collection seeds by default), optionally spread over worker processes,
@@ -159,11 +159,10 @@ def _replace_invalid(chunk: torch.Tensor, last_valid: torch.Tensor | None, obs: 
 def do_nothing_predict_fn(spec: EmbodimentSpec, horizon: int) -> Callable[..., np.ndarray]:
     """Baseline ``predict_fn``: chunks ``[B, H, A]`` that keep the robot still.
 
-    Relative action dims are 0 (no displacement / velocity); an absolute action dim with a same-named state dim holds
-    the current state value; other absolute dims (e.g. a gripper command) are 0."""
-    absolute = set(spec.absolute_dims)
-    hold = [(i, spec.state_names.index(n)) for i, n in enumerate(spec.action_names)
-            if n in absolute and n in spec.state_names]
+    An action dim with a same-named state dim is a target for that state (absolute, e.g. Push-T's agent position; or
+    delta-able, e.g. ALOHA's joint positions, which only become deltas inside the policy) and holds the current state
+    value; other dims (displacements, velocities, a gripper command without a state twin) are 0."""
+    hold = [(i, spec.state_names.index(n)) for i, n in enumerate(spec.action_names) if n in spec.state_names]
 
     def predict(obs: list[Obs], **_: Any) -> np.ndarray:
         out = np.zeros((len(obs), horizon, spec.action_dim), dtype=np.float32)
@@ -191,6 +190,8 @@ class Method:
     num_steps: int | None = None
     rtc: bool = False
     device: str = "cpu"
+    kind: str = "chunkpolicy"  # "chunkpolicy" | "lerobot" (a LeRobot policy dir: evaluation/lerobot_policy.py)
+    #                            | "server" (checkpoint is a ws:// URI of `chunkpolicy serve`: serving/evaluate.py)
 
 
 _POLICIES: dict[tuple[str, str], Any] = {}  # per process: checkpoint → loaded policy
@@ -227,6 +228,16 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
 
     if method.checkpoint is None:
         policy_fn, hook = do_nothing_predict_fn(pool.spec, method.horizon), None
+    elif method.kind == "lerobot":
+        from chunkpolicy.evaluation.lerobot_policy import lerobot_predict_fn, load_lerobot_policy
+
+        policy_fn, hook = lerobot_predict_fn(load_lerobot_policy(method.checkpoint, method.device), pool.prompts,
+                                             seed=int(seeds[0]))
+    elif method.kind == "server":
+        from chunkpolicy.serving.evaluate import served_predict_fn
+
+        policy_fn, hook, client = served_predict_fn(method.checkpoint, pool.spec, pool.prompts, seed=int(seeds[0]),
+                                                    rtc=method.rtc, on_chunk=on_chunk)
     else:
         policy = _load_policy(method.checkpoint, method.device)
         policy_fn, hook = policy_predict_fn(policy, pool.spec, pool.prompts, num_steps=method.num_steps,
@@ -246,7 +257,11 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
                 f.append(frame_of(obs[i], cams))
 
     ex = make_executor(executor)
-    records = pool.rollout(predict_fn, ex, seeds, on_step=on_step)
+    try:
+        records = pool.rollout(predict_fn, ex, seeds, on_step=on_step)
+    finally:
+        if method.kind == "server":
+            client.close()
     for r, c, n in zip(records, chunks, invalid):
         r.update(predictions=ex.num_predictions, chunks=int(c), invalid_chunks=int(n))
     return records, frames

@@ -1,6 +1,7 @@
 """Simulator adapter interface, observation → batch conversion, a lockstep pool of environments, and the env registry.
 
-Every adapter (:mod:`.metaworld_env`, :mod:`.fetch_env`, :mod:`.pusht_env`) looks the same to the rest of the library:
+Every adapter (:mod:`.metaworld_env`, :mod:`.fetch_env`, :mod:`.pusht_env`, :mod:`.aloha_env`) looks the same to the
+rest of the library:
 
 * ``reset(seed) -> obs`` and ``step(action) -> (obs, reward, done, info)`` with ``info["success"]`` (bool);
   ``action`` is float ``[A]`` in robot units (the spec's ``action_names`` order).
@@ -335,6 +336,7 @@ ENV_REGISTRY: dict[str, str] = {
     "metaworld": "chunkpolicy.sim.metaworld_env",
     "fetch": "chunkpolicy.sim.fetch_env",
     "pusht": "chunkpolicy.sim.pusht_env",
+    "aloha": "chunkpolicy.sim.aloha_env",
 }
 
 

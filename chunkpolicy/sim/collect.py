@@ -144,7 +144,7 @@ def collect(
     """Run scripted experts for ``tasks`` × ``episodes_per_task`` seeds and write the kept episodes to ``out``.
 
     Args:
-        env_name: ``"metaworld"`` or ``"fetch"`` (adapters with scripted experts).
+        env_name: ``"metaworld"``, ``"fetch"`` or ``"aloha"`` (adapters with scripted experts).
         tasks: task names of that env (one embodiment, so they share one store).
         episodes_per_task: attempts per task (seeds ``seed .. seed + episodes_per_task - 1``).
         out: store path (``.zarr``); must not exist unless ``overwrite`` or ``resume``.
@@ -308,7 +308,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m chunkpolicy.sim.collect", description=__doc__.split("\n\n")[0])
-    p.add_argument("--env", required=True, help="metaworld | fetch")
+    p.add_argument("--env", required=True, help="metaworld | fetch | aloha")
     p.add_argument("--tasks", required=True, help="comma-separated task names (metaworld: 'MT10' or 'MT50' allowed)")
     p.add_argument("--episodes", type=int, required=True, help="attempts per task")
     p.add_argument("--out", required=True)
