@@ -30,6 +30,14 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
+    if args.model_cmd == "import":
+        from chunkpolicy.models.importers import import_checkpoint
+
+        opts = {k: v for k, v in (("tokenizer", args.tokenizer), ("embodiment", args.embodiment),
+                                  ("control_hz", args.control_hz), ("asset_id", args.asset_id),
+                                  ("cameras", args.cameras.split(",") if args.cameras else None)) if v is not None}
+        print(import_checkpoint(args.src, args.out, args.format, **opts).summary())
+        return 0
     from chunkpolicy.models.info import format_model_info, model_info
 
     import yaml
@@ -39,7 +47,7 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _forward(module: str) -> Callable[[list[str]], int]:
-    """Subcommands that own their argument parsing (train, eval, collect, quickstart, tour)."""
+    """Subcommands that own their argument parsing (train, eval, collect, quickstart, tour, serve)."""
 
     def run(argv: list[str]) -> int:
         import importlib
@@ -56,6 +64,8 @@ FORWARDED = {
     "collect": _forward("chunkpolicy.sim.collect"),
     "quickstart": _forward("chunkpolicy.quickstart"),
     "tour": _forward("chunkpolicy.tour"),
+    "study": _forward("chunkpolicy.study.cli"),
+    "serve": _forward("chunkpolicy.serving.server"),
 }
 
 
@@ -96,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     minfo = msub.add_parser("info", help="parameter counts per component (built on the meta device)")
     minfo.add_argument("--preset", default="paligemma-3b")
     minfo.add_argument("--head", default="flow_expert", help="head name, or a typed config: '{type: dit, depth: 2}'")
+    mimp = msub.add_parser("import", help="convert pretrained weights (LeRobot pi0 / pi05, PaliGemma, SigLIP) into a "
+                                          "chunkpolicy checkpoint; prints what was mapped, left out and assumed")
+    mimp.add_argument("src", help="local source directory (nothing is downloaded)")
+    mimp.add_argument("out", help="checkpoint directory to write (atomically)")
+    mimp.add_argument("--format", required=True, help="lerobot-pi0 | lerobot-pi05 | openpi-pi0 | openpi-pi05 | paligemma | siglip")
+    mimp.add_argument("--tokenizer", default=None, help="local prompt tokenizer directory (LeRobot pi0/pi05: PaliGemma's)")
+    mimp.add_argument("--embodiment", default=None, help="embodiment name for the imported policy (default: 'lerobot')")
+    mimp.add_argument("--control-hz", type=float, default=None, help="control rate of the robot (LeRobot does not record it)")
+    mimp.add_argument("--cameras", default=None, help="openpi: camera names in the model's order, comma-separated")
+    mimp.add_argument("--asset-id", default=None, help="openpi: which assets/<id>/norm_stats.json (when there are several)")
     model.set_defaults(func=_model)
 
     for name in FORWARDED:

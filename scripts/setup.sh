@@ -34,4 +34,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 echo "[setup] pip install -e '.[dev,sim]' (first time: a few minutes, torch is large)"
 .venv/bin/python -m pip install -q -e '.[dev,sim]'
+# openpi's robot client, for the `chunkpolicy serve` tests: its numpy<2 pin would downgrade numpy under zarr 3, so it
+# goes in without its pins (what it imports — websockets, msgpack, dm-tree, pillow — comes with the extras above)
+.venv/bin/python -m pip install -q --no-deps 'openpi-client==0.1.2'
 echo "[setup] done: . .venv/bin/activate && source scripts/env.sh"

@@ -19,6 +19,11 @@ is a warning (in the output and ``results.json["warnings"]``), and an evaluation
 its results.
 A checkpoint whose head may fail to produce a chunk (``tokens``: an invalid token decode) runs the do-nothing chunk
 instead for that chunk; the report gives the invalid-decode rate per task and overall (also when it is 0).
+``--server ws://HOST:PORT`` evaluates the policy a ``chunkpolicy serve`` serves, through the websocket protocol (API
+key from ``$CHUNKPOLICY_API_KEY``); the noise is drawn here as in process, so it reproduces ``--checkpoint`` runs of
+the same checkpoint on the same seeds.
+``--lerobot-policy DIR`` evaluates a LeRobot policy checkpoint (diffusion, ACT, ...) instead, through
+:mod:`chunkpolicy.evaluation.lerobot_policy`; ``--executor native`` then runs LeRobot's own action queue.
 Executors: ``open_loop:K`` (run K actions, re-plan), ``temporal_ensemble:M`` (ACT, w_i = exp(-M·i), i = 0 the
 oldest prediction), ``rtc:S,D`` (real-time chunking, flow heads).
 """
@@ -37,10 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chunkpolicy eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_XXXXXX, or any save_pretrained "
                    "directory) or a training run directory OUTPUT_DIR (its latest checkpoint), e.g. runs/NAME")
-    p.add_argument("--env", required=True, help="metaworld | fetch | pusht")
+    p.add_argument("--lerobot-policy", default=None, metavar="DIR",
+                   help="a LeRobot policy instead of --checkpoint: its save_pretrained dir (with the pre/post-processors), "
+                   "a LeRobot checkpoint (OUTPUT_DIR/checkpoints/STEP) or training run (OUTPUT_DIR); see "
+                   "chunkpolicy/evaluation/lerobot_policy.py. --executor native = LeRobot's own select_action queue")
+    p.add_argument("--server", default=None, metavar="ws://HOST:PORT",
+                   help="evaluate the policy served there (chunkpolicy serve) instead of --checkpoint")
+    p.add_argument("--env", required=True, help="metaworld | fetch | pusht | aloha")
     p.add_argument("--tasks", required=True, help="comma-separated task names (metaworld: MT10 / MT50 allowed)")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
-    p.add_argument("--executor", default="open_loop:8", help="open_loop:K | temporal_ensemble:M | rtc:S,D (default open_loop:8)")
+    p.add_argument("--executor", default="open_loop:8", help="open_loop:K | temporal_ensemble:M | rtc:S,D (default open_loop:8); with "
+                   "--lerobot-policy also native (LeRobot's own action queue of that checkpoint)")
     p.add_argument("--num-envs", type=int, default=4, help="envs stepped in lockstep per batch (default 4)")
     p.add_argument("--workers", type=int, default=0, help="worker processes for rollouts (0: this process)")
     p.add_argument("--seed", type=int, default=None, help="first episode seed (default 100000: held out from collection)")
@@ -124,6 +136,8 @@ def run_eval(
     progress: bool = True,
     command: str | None = None,
     baseline_cache: bool = True,
+    lerobot_policy: str | os.PathLike | None = None,
+    server: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (and/or the do-nothing baseline) and write the report; returns the results dict.
 
@@ -139,8 +153,13 @@ def run_eval(
     from chunkpolicy.sim.base import env_check_task, env_spec, setup_headless_gl
 
     setup_headless_gl()
-    if checkpoint is None and not baseline:
-        raise ValueError("checkpoint: give --checkpoint, or --baseline-only to evaluate the do-nothing baseline")
+    if checkpoint is not None and lerobot_policy is not None:
+        raise ValueError("checkpoint: give --checkpoint or --lerobot-policy, not both")
+    if server is not None and (checkpoint is not None or lerobot_policy is not None):
+        raise ValueError("server: give --server or --checkpoint / --lerobot-policy, not both")
+    if checkpoint is None and lerobot_policy is None and server is None and not baseline:
+        raise ValueError("checkpoint: give --checkpoint (or --lerobot-policy), or --baseline-only to evaluate the "
+                         "do-nothing baseline")
     tasks = [env_check_task(env, t) for t in tasks]  # unknown env or task: an error before anything starts
     if not tasks:
         raise ValueError("tasks: expected at least one task")
@@ -157,6 +176,12 @@ def run_eval(
     env_kwargs: dict[str, Any] = {"image_size": None if image_size is None else tuple(int(x) for x in image_size)}
     if max_steps is not None:
         env_kwargs["max_steps"] = int(max_steps)
+    lr_info = None
+    if lerobot_policy is not None:  # a LeRobot policy: its config decides cameras, image size and `native`
+        from chunkpolicy.evaluation.lerobot_policy import inspect_lerobot_policy, native_executor
+
+        lr_info = inspect_lerobot_policy(lerobot_policy)
+        executor = native_executor(lr_info) if executor == "native" else executor
     ex_spec = make_executor(executor).spec()
 
     methods: list[Method] = []
@@ -179,6 +204,37 @@ def run_eval(
         check_prompts(policy.tokenizer, [env_task_prompt(env, t) for t in tasks], policy.config.max_prompt_tokens)
         del policy
         methods.append(Method("policy", str(checkpoint), horizon, num_steps, ex_spec.startswith("rtc"), dev))
+    elif lr_info is not None:
+        from chunkpolicy.evaluation.lerobot_policy import LEROBOT_CAPS, check_env
+
+        dev = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        spec = check_env(lr_info, env, env_kwargs)  # cameras, sizes and names, before any rollout
+        if env_kwargs["image_size"] is None:
+            env_kwargs["image_size"] = lr_info.image_size
+        env_kwargs["cameras"] = tuple(spec.cameras)
+        check_executor(ex_spec, LEROBOT_CAPS, f"LeRobot {lr_info.type}")
+        if num_steps is not None:
+            raise ValueError(f"num_steps: a LeRobot {lr_info.type} policy takes its denoising steps from its own "
+                             f"config.json ({lr_info.path}), not --num-steps")
+        k = getattr(make_executor(ex_spec), "k", None)
+        if k is not None and lr_info.chunk_len is not None and k > lr_info.chunk_len:
+            raise ValueError(f"executor {ex_spec!r}: the LeRobot {lr_info.type} policy returns chunks of "
+                             f"{lr_info.chunk_len} actions ({lr_info.path}/config.json), fewer than k={k}")
+        horizon = lr_info.chunk_len or horizon
+        checkpoint = Path(lr_info.path)
+        methods.append(Method("policy", lr_info.path, horizon, None, False, dev, kind="lerobot"))
+    elif server is not None:  # the served policy's metadata decides embodiment, cameras, image size and horizon
+        from chunkpolicy.serving.evaluate import inspect_server
+
+        if num_steps is not None:
+            raise ValueError("num_steps: the server decides its integration steps (chunkpolicy serve --num-steps)")
+        info = inspect_server(server, env, env_kwargs)
+        env_kwargs["image_size"], env_kwargs["cameras"] = info.image_size, info.cameras
+        if make_executor(ex_spec).needs and not info.rtc:
+            raise ValueError(f"executor {ex_spec!r} needs a head with a flow velocity; the server at {server} has none")
+        horizon = info.horizon
+        may_fail["policy"] = info.may_fail
+        methods.append(Method("policy", info.uri, horizon, None, ex_spec.startswith("rtc"), "cpu", kind="server"))
     if env_kwargs["image_size"] is None:
         env_kwargs["image_size"] = (64, 64)
     if baseline:
@@ -228,6 +284,10 @@ def run_eval(
         "summary": summary, "episodes": records, "rollout_s": wall, "baseline": baseline_info or None,
         "videos": video_paths, "plot": str(out / "success.png"), "warnings": warnings,
     }
+    if server is not None:
+        results["server"] = server
+    if lr_info is not None:
+        results["lerobot_policy"] = {**lr_info.to_dict(), "executor_native": native_executor(lr_info)}
     # the results first: the plot and the videos below may fail (a warning each) or be interrupted without losing them
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results, out / "results.json")
@@ -288,15 +348,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if a.baseline_only and a.checkpoint:
-        print("chunkpolicy eval: error: --baseline-only takes no --checkpoint", file=sys.stderr)
+    if a.baseline_only and (a.checkpoint or a.lerobot_policy or a.server):
+        print("chunkpolicy eval: error: --baseline-only takes no --checkpoint / --lerobot-policy / --server", file=sys.stderr)
         return 2
     try:
         results = run_eval(None if a.baseline_only else a.checkpoint, a.env, _tasks(a.env, a.tasks),
                            episodes=a.episodes, executor=a.executor, num_envs=a.num_envs, workers=a.workers, seed=a.seed,
                            image_size=None if a.image_size is None else tuple(a.image_size), max_steps=a.max_steps, num_steps=a.num_steps,
                            baseline=a.baseline or a.baseline_only, videos=a.videos, device=a.device, out=a.out,
-                           progress=not a.no_progress, baseline_cache=not a.no_baseline_cache, command="chunkpolicy eval " + shlex.join(argv))
+                           progress=not a.no_progress, baseline_cache=not a.no_baseline_cache, command="chunkpolicy eval " + shlex.join(argv),
+                           lerobot_policy=None if a.baseline_only else a.lerobot_policy,
+                           server=None if a.baseline_only else a.server)
     except (FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chunkpolicy eval: error: {msg}", file=sys.stderr)

@@ -246,8 +246,12 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, *, log: Callable[[str],
     return Prepared(policy, train_set, val_set, export_fn, info)
 
 
-def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
-    """Train per ``cfg``; returns the trainer's summary."""
+def run(cfg: ExperimentConfig, resume: bool = False, deadline_s: float | None = None) -> dict[str, Any]:
+    """Train per ``cfg``; returns the trainer's summary. ``deadline_s``: wall seconds from now after which the run
+    ends at its next step with a checkpoint there (``stopped: stop_after``; a later ``resume`` continues it), for
+    sessions shorter than the run (the study runner's ``--session-minutes``)."""
+    import threading
+
     from chunkpolicy.training.distributed import make_accelerator
     from chunkpolicy.training.trainer import Trainer
 
@@ -263,7 +267,16 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         export_fn=prep.export_fn, config_dict=to_dict(cfg), data_num_workers=cfg.data.num_workers,
         collate_fn=collate_windows,
     )
-    summary = trainer.fit()
+    timer = None
+    if deadline_s is not None:
+        timer = threading.Timer(max(0.0, deadline_s), lambda: setattr(trainer, "stop_after", 0))
+        timer.daemon = True
+        timer.start()
+    try:
+        summary = trainer.fit()
+    finally:
+        if timer is not None:
+            timer.cancel()
     summary["data"] = prep.info
     if acc.is_main_process:
         with atomic_file(Path(cfg.train.output_dir, "summary.json")) as tmp:

@@ -1,0 +1,176 @@
+"""``chunkpolicy study aggregate DIR``: the study's tables and plots from the row results JSON files in ``DIR``.
+
+Writes into ``--out`` (default ``DIR``):
+
+* ``STUDY.md``: the total GPU cost, then per group (``4a``, ``4b``, ...) one summary table (method, executor, data,
+  training steps and minutes, GPU-minutes, chunk latency, mean success with its 95% Wilson interval, the command) and
+  per env of the group one per-task table (tasks as rows, the group's rows as columns: ``rate% [lo, hi] (n)``).
+* ``success_<group>_<env>.png``: success bars with Wilson intervals per task and the mean, one colour per row.
+* ``steps_<group>_<env>.png`` (when a row evaluated several checkpoints): mean success vs training steps, one line per
+  row, the 95% interval as a band.
+
+Every file is written atomically. A JSON file in ``DIR`` that is not a row result (no ``row`` / ``success`` keys) is
+skipped and listed; an unreadable one is an error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from chunkpolicy.atomic import atomic_file, read_json
+
+__all__ = ["load_rows", "aggregate", "summary_table", "task_table"]
+
+
+def load_rows(directory: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
+    """Row results in ``directory`` (sorted by group, then row name) and the JSON files that are not row results."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: not a directory of study results")
+    rows, skipped = [], []
+    for p in sorted(d.glob("*.json")):
+        doc = read_json(p)  # corrupt JSON: one error naming the file
+        if isinstance(doc, dict) and "row" in doc and "success" in doc:
+            doc["_file"] = str(p)
+            rows.append(doc)
+        else:
+            skipped.append(str(p))
+    rows.sort(key=lambda r: (str(r.get("group")), str(r["row"])))
+    return rows, skipped
+
+
+def _pct(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "—"
+    lo, hi = d["ci95"]
+    return f"{100 * d['rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}] (n={d['n']})"
+
+
+def _num(x: Any, fmt: str = "{:.1f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per row: method, executor, data, steps, minutes, GPU-minutes, latency, mean success, the rate of
+    chunks a head could not produce (tokens heads; ``—`` for heads that cannot fail), command."""
+    lines = ["| row | method | executor | data | steps | train min | GPU-min | chunk ms (median) | mean success "
+             "| invalid decodes | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, lat = r.get("train") or {}, r.get("latency") or {}
+        gpu = "shared with " + t["source_row"] if t.get("source_row") else _num(r.get("gpu_minutes"))
+        data = r.get("data") or {}
+        mean = r["success"]["mean"]
+        bad = (f"{100 * mean['invalid_rate']:.1f}% ({mean['invalid_chunks']}/{mean['chunks']})"
+               if mean.get("invalid_rate") is not None else "—")
+        lines.append(
+            f"| {r['row']} | {r.get('label', '')} | {r['eval']['executor']} | {data.get('name', '')} "
+            f"({data.get('episodes', '?')} demos) | {t.get('steps', '—')} | {_num(t.get('train_minutes'))} | {gpu} | "
+            f"{_num(lat.get('median_ms'), '{:.2f}')} | **{_pct(mean)}** | {bad} | `{r.get('command', '')}` |")
+    return "\n".join(lines)
+
+
+def task_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Tasks as rows, study rows as columns, then the mean."""
+    tasks: list[str] = []
+    for r in rows:
+        tasks += [t for t in r["success"]["tasks"] if t not in tasks]
+    head = "| task | " + " | ".join(f"{r['row']}" for r in rows) + " |"
+    lines = [head, "|---|" + "---|" * len(rows)]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(_pct(r["success"]["tasks"].get(t)) for r in rows) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{_pct(r['success']['mean'])}**" for r in rows) + " |")
+    return "\n".join(lines)
+
+
+def _steps_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in rows:
+        pts = sorted(r["success_vs_steps"], key=lambda e: e["step"])
+        x = [e["step"] for e in pts]
+        y = [e["mean"]["rate"] for e in pts]
+        ax.plot(x, y, marker="o", label=r["row"])
+        ax.fill_between(x, [e["mean"]["ci95"][0] for e in pts], [e["mean"]["ci95"][1] for e in pts], alpha=0.2)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("mean success")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Build ``STUDY.md`` and the PNGs (see the module docstring); returns ``{"markdown", "plots", "rows",
+    "skipped", "gpu_minutes"}``."""
+    from chunkpolicy.evaluation.report import bar_chart
+
+    rows, skipped = load_rows(directory)
+    if not rows:
+        raise ValueError(f"{directory}: no row results (*.json with 'row' and 'success'); run `chunkpolicy study run` first")
+    out = Path(out or directory)
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(float(r.get("gpu_minutes") or 0.0) for r in rows)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get("group")), []).append(r)
+    md = [f"# Study results ({len(rows)} rows)", "",
+          f"Total GPU cost of these rows: **{total:.1f} GPU-minutes** ({total / 60:.2f} GPU-hours; training + "
+          "evaluation; a row that reuses another row's checkpoint counts only its evaluation). Success: 95% Wilson "
+          "intervals. Commits: " + ", ".join(sorted({str((r.get('git') or {}).get('commit') or '?')[:7]
+                                                      + ('+dirty' if (r.get('git') or {}).get('dirty') else '')
+                                                      for r in rows})) + ".", ""]
+    plots: list[str] = []
+    for g, grows in groups.items():
+        md += [f"## {g}", "", summary_table(grows), ""]
+        by_env: dict[str, list[dict[str, Any]]] = {}
+        for r in grows:
+            by_env.setdefault(str(r.get("env")), []).append(r)
+        for env, erows in by_env.items():
+            md += [f"### {g} · {env}: success per task", "", task_table(erows), ""]
+            png = out / f"success_{g}_{env}.png"
+            summary = {r["row"]: r["success"] for r in erows}
+            tmp_png = png.with_name(f".{png.name}.tmp.png")
+            bar_chart(summary, tmp_png, title=f"{g} · {env}: success (95% Wilson CI)")
+            os.replace(tmp_png, png)
+            plots.append(str(png))
+            md += [f"![{g} {env}]({png.name})", ""]
+            multi = [r for r in erows if len(r.get("success_vs_steps") or []) > 1]
+            if multi:
+                sp = _steps_plot(multi, out / f"steps_{g}_{env}.png", f"{g} · {env}: success vs training steps")
+                plots.append(str(sp))
+                md += [f"![{g} {env} steps]({sp.name})", ""]
+    if skipped:
+        md += ["Files in the results folder that are not row results: " + ", ".join(Path(s).name for s in skipped), ""]
+    text = "\n".join(md)
+    with atomic_file(out / "STUDY.md") as tmp:
+        tmp.write_text(text)
+    return {"markdown": str(out / "STUDY.md"), "plots": plots, "rows": [r["row"] for r in rows], "skipped": skipped,
+            "gpu_minutes": total}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="chunkpolicy study aggregate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="folder of row results (the study's results_dir)")
+    p.add_argument("--out", default=None, help="where STUDY.md and the PNGs go (default: DIR)")
+    a = p.parse_args(argv)
+    res = aggregate(a.dir, a.out)
+    print(f"{len(res['rows'])} rows, {res['gpu_minutes']:.1f} GPU-minutes: wrote {res['markdown']} and "
+          f"{len(res['plots'])} plots")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""``chunkpolicy study``: run one row of a study, list a study's rows and their commands, aggregate the results.
+
+    chunkpolicy study list --study configs/study/issue16.yaml
+    chunkpolicy study run 4a-mt10-flow_expert --study configs/study/issue16.yaml [--force]
+    chunkpolicy study aggregate benchmarks/results/study [--out DIR]
+
+``run`` is resumable: rerunning a row continues its collection, training (from the latest checkpoint) and
+evaluations; a row whose results JSON exists is skipped unless ``--force``. ``--session-minutes M`` ends a session
+cleanly after about M minutes (exit code 3: not done yet), for machines lent in time slots::
+
+    while chunkpolicy study run ROW --study FILE --session-minutes 8; [ $? -eq 3 ]; do :; done
+
+Exit codes: 0 done, 1 a stage failed, 2 a bad study file or argument, 3 not done yet (session time up). Errors in the study file are one line
+naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chunkpolicy study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or finish) one row; writes its results JSON")
+    r.add_argument("row")
+    r.add_argument("--study", required=True, help="study YAML (configs/study/*.yaml)")
+    r.add_argument("--force", action="store_true", help="redo the row's evaluations and rewrite its results JSON")
+    r.add_argument("--session-minutes", type=float, default=None, metavar="M",
+                   help="stop this session after about M minutes (training ends at its next step with a checkpoint; "
+                   "exit code 3 = not done yet, run the same command again), e.g. to fit a row into machine time slots")
+    ls = sub.add_parser("list", help="the study's rows: method, data, executor, done or not, command")
+    ls.add_argument("--study", required=True)
+    ag = sub.add_parser("aggregate", help="markdown tables and PNG plots from a folder of row results")
+    ag.add_argument("dir")
+    ag.add_argument("--out", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from chunkpolicy.study.config import StudyError, load_study
+
+    try:
+        if a.cmd == "aggregate":
+            from chunkpolicy.study.aggregate import main as agg
+
+            return agg([a.dir] + (["--out", a.out] if a.out else []))
+        study = load_study(a.study)
+        if a.cmd == "list":
+            from chunkpolicy.study.runner import row_command, row_result_path
+
+            for name, row in study.rows.items():
+                done = "done" if row_result_path(study, name).is_file() else "todo"
+                print(f"{done}  {row.group:<4} {name:<32} {row.label:<20} {row.data.name:<12} "
+                      f"{row.eval['executor']:<18} {row_command(study, name)}")
+            return 0
+        from chunkpolicy.study.runner import SessionLimit, run_row
+
+        try:
+            run_row(study, a.row, force=a.force, session_minutes=a.session_minutes)
+        except SessionLimit as e:
+            print(f"chunkpolicy study: not done yet ({e}); run the same command again to continue", file=sys.stderr)
+            return 3
+        return 0
+    except (StudyError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"chunkpolicy study: error: {msg}", file=sys.stderr)
+        return 2
+    except (RuntimeError, FloatingPointError) as e:  # a stage failed (LeRobot's trainer, a diverged run, ...)
+        print(f"chunkpolicy study: failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

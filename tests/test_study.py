@@ -1,0 +1,200 @@
+"""chunkpolicy study: config checks, one row end to end (collect → train → eval of every checkpoint → latency →
+results JSON), a row reusing another row's checkpoint, skip / resume, and the aggregated tables and plots.
+
+Tiny settings on Meta-World (CPU): one reach-v3 demo, a 4-step quickstart-sized policy, 2 short episodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chunkpolicy.study.config import StudyError, load_study
+
+pytest.importorskip("metaworld", reason="`metaworld` is not installed (install the `sim` extra)")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study(tmp_path: Path, **data_over) -> Path:
+    doc = {
+        "name": "tiny",
+        "out_dir": str(tmp_path / "work"),
+        "results_dir": str(tmp_path / "results"),
+        "defaults": {
+            "eval": {"episodes": 1, "max_steps": 4, "num_envs": 1, "videos": 0, "latency_calls": 1,
+                     "executor": "open_loop:2", "device": "cpu"},
+            "train": {"eval_checkpoints": "all", "ckpt_every": 2, "steps": 4},
+        },
+        "data": {"reach": {"env": "metaworld", "tasks": ["reach-v3"],
+                           **(data_over or {"collect": {"episodes": 1, "image_size": [64, 64], "cameras": ["corner"],
+                                                        "workers": 0}})}},
+        "rows": {
+            "a-flow": {"data": "reach", "method": {
+                "config": str(REPO / "configs" / "quickstart_metaworld.yaml"),
+                "overrides": ["model.head=flow_expert", "model.horizon=4", "train.batch_size=4", "data.num_workers=0",
+                              "train.log_every=2", "train.progress=false", "train.warmup_steps=1"]}},
+            "b-flow-te": {"group": "b", "data": "reach", "method": {"from_row": "a-flow"},
+                          "eval": {"executor": "temporal_ensemble:0.1"}, "train": {"eval_checkpoints": "last"}},
+        },
+    }
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+@pytest.fixture(scope="module")
+def row_a(tmp_path_factory):
+    """Row a-flow run once through the CLI (collect 1 demo, train 4 steps, evaluate both checkpoints, latency)."""
+    from chunkpolicy.study.cli import main
+
+    tmp_path = tmp_path_factory.mktemp("study")
+    path = _study(tmp_path)
+    assert main(["run", "a-flow", "--study", str(path)]) == 0
+    return tmp_path, path
+
+
+@pytest.mark.slow
+def test_row_results(row_a):
+    tmp_path, path = row_a
+    res = json.loads((tmp_path / "results" / "a-flow.json").read_text())
+    assert res["row"] == "a-flow" and res["group"] == "a" and res["label"] == "flow_expert"
+    assert res["command"] == f"chunkpolicy study run a-flow --study {path}"
+    assert res["train"]["steps"] == 4 and res["train"]["framework"] == "chunkpolicy"
+    assert res["train"]["gpus"] == 0 and res["gpu_minutes"] == 0.0 and res["train"]["wall_minutes"] > 0
+    assert res["data"]["episodes"] == 1 and res["data"]["expert"]["reach-v3"]["successes"] == 1
+    assert res["tasks"] == ["reach-v3"] and res["success"]["tasks"]["reach-v3"]["n"] == 1
+    lo, hi = res["success"]["mean"]["ci95"]
+    assert 0 <= lo <= res["success"]["mean"]["rate"] <= hi <= 1
+    assert [e["step"] for e in res["success_vs_steps"]] == [2, 4]  # every kept checkpoint evaluated
+    assert res["latency"]["calls"] == 1 and res["latency"]["median_ms"] > 0 and res["latency"]["chunk_len"] == 4
+    assert "commit" in res["git"] and res["eval"]["executor"] == "open_loop:2"
+    assert [(e["task"], e["seed"]) for e in res["episodes"]] == [("reach-v3", 100000)]
+
+
+@pytest.mark.slow
+def test_from_row_reuses_the_checkpoint_then_skip_list_aggregate(row_a, capsys):
+    from chunkpolicy.study.aggregate import aggregate
+    from chunkpolicy.study.cli import main
+
+    tmp_path, path = row_a
+    res = json.loads((tmp_path / "results" / "a-flow.json").read_text())
+    # the second row evaluates the first row's checkpoint with another executor: no training, no GPU cost of its own
+    assert main(["run", "b-flow-te", "--study", str(path)]) == 0
+    b = json.loads((tmp_path / "results" / "b-flow-te.json").read_text())
+    assert b["train"]["source_row"] == "a-flow" and b["train"]["checkpoint"] == res["train"]["checkpoint"]
+    assert b["eval"]["executor"] == "temporal_ensemble:0.1" and len(b["success_vs_steps"]) == 1
+
+    capsys.readouterr()
+    assert main(["run", "a-flow", "--study", str(path)]) == 0  # done: skipped
+    assert "exists (--force to redo it)" in capsys.readouterr().out
+    assert main(["list", "--study", str(path)]) == 0
+    listed = capsys.readouterr().out
+    assert listed.count("done") == 2 and "chunkpolicy study run b-flow-te" in listed
+
+    agg = aggregate(tmp_path / "results", tmp_path / "agg")
+    md = (tmp_path / "agg" / "STUDY.md").read_text()
+    assert "## a" in md and "## b" in md and "| reach-v3 |" in md and "GPU-minutes" in md
+    assert "chunkpolicy study run a-flow" in md
+    names = sorted(Path(p).name for p in agg["plots"])
+    assert names == ["steps_a_metaworld.png", "success_a_metaworld.png", "success_b_metaworld.png"]
+    assert all(Path(p).stat().st_size > 1000 for p in agg["plots"])
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_from_its_checkpoint(row_a, capsys):
+    from chunkpolicy.study.runner import run_row
+
+    tmp_path, path = row_a  # runs last in this module: it rewrites row a-flow
+    study = load_study(path)
+    run = tmp_path / "work" / "rows" / "a-flow" / "train"
+    # as if the process had been killed after the step-2 checkpoint: no final checkpoint, summary or results
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    (run / "summary.json").unlink()
+    (tmp_path / "results" / "a-flow.json").unlink()
+    capsys.readouterr()
+    res = run_row(study, "a-flow")
+    out = capsys.readouterr().out
+    assert "resuming from step_000002" in out and "resumed from" in out
+    assert res["train"]["steps"] == 4 and [e["step"] for e in res["success_vs_steps"]] == [2, 4]
+    assert out.count("reusing the evaluation") == 1  # step 2 (unchanged checkpoint); the new step 4 is evaluated again
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda d: d["rows"]["a-flow"]["method"].update(bogus=1), r"rows.a-flow.method.bogus: unknown key"),
+    (lambda d: d["rows"]["a-flow"].update(data="nope"), r"rows.a-flow.data: 'nope' is not a key of data"),
+    (lambda d: d["rows"]["a-flow"]["method"].update(lerobot="act"), r"rows.a-flow.method: give exactly one of"),
+    (lambda d: d["rows"]["b-flow-te"]["method"].update(from_row="zzz"), r"rows.b-flow-te.method.from_row: 'zzz'"),
+    (lambda d: d["rows"]["a-flow"].update(eval={"episodes": 0}), r"rows.a-flow.eval.episodes"),
+    (lambda d: d["data"]["reach"].pop("collect"), r"data.reach: give store .* or collect"),
+    (lambda d: d["rows"].update({"c-lr": {"data": "reach", "method": {"lerobot": "act"}}}), r"rows.c-lr.method.steps"),
+])
+def test_config_errors_name_the_key(tmp_path, edit, msg):
+    path = _study(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    edit(doc)
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(StudyError, match=msg):
+        load_study(path)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from chunkpolicy.study.cli import main
+
+    assert main(["run", "x", "--study", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["run", "nope", "--study", str(_study(tmp_path))]) == 2
+    assert "row 'nope' is not in" in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "other.json").write_text("{}")
+    assert main(["aggregate", str(tmp_path / "r")]) == 2
+    assert "no row results" in capsys.readouterr().err
+
+
+def test_shipped_study_config_is_valid():
+    from chunkpolicy.config import load_config
+    from chunkpolicy.evaluation.rollout import EVAL_SEED
+    from chunkpolicy.study.config import EVAL_DEFAULTS
+
+    assert EVAL_DEFAULTS["seed"] == EVAL_SEED  # the study's default seeds are chunkpolicy eval's held-out ones
+
+    study = load_study(REPO / "configs" / "study" / "issue16.yaml")
+    heads = {r.label for r in study.rows.values() if r.group == "4a"}
+    assert {"flow_expert", "lerobot:diffusion", "lerobot:act"} <= heads
+    assert {r.data.env for r in study.rows.values()} == {"metaworld", "aloha"}
+    for r in study.rows.values():
+        assert r.kind == "from_row" or r.train.get("max_minutes", 99) <= 10, r.name
+        assert r.eval["episodes"] >= 50
+        if r.kind == "chunkpolicy":  # every training config with its overrides loads (before any GPU time)
+            cfg = load_config(REPO / r.method["config"], r.method["overrides"] + ["data.datasets=[{path: x.zarr}]"],
+                              check_paths=False)
+            assert cfg.train.max_minutes <= 10 and cfg.train.schedule_over == "time"
+
+
+@pytest.mark.slow
+def test_session_limit_pauses_training_with_a_checkpoint_then_continues(row_a, tmp_path, capsys, monkeypatch):
+    """--session-minutes: a session whose time is up stops training at its next step with a checkpoint (exit 3);
+    the same command then finishes the row from there."""
+    from chunkpolicy.study.cli import main
+    from chunkpolicy.study.runner import Deadline, SessionLimit, run_row
+
+    src, _ = row_a
+    path = _study(tmp_path, store=str(src / "work" / "data" / "reach.zarr"))  # reuse the collected demos
+    study = load_study(path)
+    with pytest.raises(SessionLimit, match="before training a-flow"):
+        run_row(study, "a-flow", session_minutes=0)  # already over: nothing starts
+    monkeypatch.setattr(Deadline, "check", lambda self, what: None)  # let training start: the timer then stops it
+    with pytest.raises(SessionLimit, match="training paused at step"):
+        run_row(study, "a-flow", session_minutes=0)
+    monkeypatch.undo()
+    summary = json.loads((tmp_path / "work" / "rows" / "a-flow" / "train" / "summary.json").read_text())
+    assert summary["stopped"] == "stop_after" and 1 <= summary["steps"] < 4
+    assert not (tmp_path / "results" / "a-flow.json").exists()
+    capsys.readouterr()
+    assert main(["run", "a-flow", "--study", str(path), "--session-minutes", "30"]) == 0
+    assert "resuming from step_" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results" / "a-flow.json").read_text())["train"]["steps"] == 4
