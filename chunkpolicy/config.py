@@ -462,6 +462,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
     return None
 
 
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # train.log_with name → the package it needs
+
+
+def check_trackers(names: Sequence[str] | None) -> list[str]:
+    """The tracker names of ``train.log_with``, checked: a ``ValueError`` naming the key for an unknown tracker or a
+    missing package."""
+    import importlib.util
+
+    out = []
+    for n in list(names or []):
+        if n not in TRACKERS:
+            raise ValueError(f"train.log_with: unknown tracker {n!r}; known: {sorted(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[n]) is None:
+            raise ValueError(f"train.log_with: tracker {n!r} needs the {TRACKERS[n]!r} package "
+                             "(pip install 'chunkpolicy[trackers]')")
+        if n not in out:
+            out.append(n)
+    return out
+
+
 def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     """Value checks beyond types (OmegaConf checked those); raises :class:`ConfigError` naming the key."""
     from chunkpolicy.models.backbone_config import PRESETS
@@ -521,8 +541,6 @@ def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     _need(0 < t.rollback_lr_factor <= 1, "train.rollback_lr_factor", f"must be in (0, 1], got {t.rollback_lr_factor}")
     _need(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", f"must be > 0 (or null), got {t.max_minutes}")
     try:
-        from chunkpolicy.training.trackers import check_trackers
-
         check_trackers(t.log_with)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -147,7 +147,7 @@ def run_eval(
     import torch
 
     from chunkpolicy.evaluation.report import bar_chart, invalid_counts, markdown_table, summarize, write_json_atomic
-    from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_embodiment, evaluate, trained_image_size
+    from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_embodiment, evaluate
     from chunkpolicy.evaluation.video import write_mp4
     from chunkpolicy.runtime.executors import check_executor, make_executor
     from chunkpolicy.sim.base import env_check_task, env_spec, setup_headless_gl
@@ -193,7 +193,7 @@ def run_eval(
         dev = str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         policy = ChunkPolicy.from_pretrained(checkpoint, map_location="cpu")  # fails early on a bad checkpoint
         if env_kwargs["image_size"] is None:
-            env_kwargs["image_size"] = trained_image_size(policy)
+            env_kwargs["image_size"] = policy.trained_image_size
         spec = check_embodiment(policy, env, env_kwargs)  # embodiment, cameras and image size
         env_kwargs["cameras"] = tuple(spec.cameras)
         horizon = policy.config.horizon
@@ -224,7 +224,7 @@ def run_eval(
         checkpoint = Path(lr_info.path)
         methods.append(Method("policy", lr_info.path, horizon, None, False, dev, kind="lerobot"))
     elif server is not None:  # the served policy's metadata decides embodiment, cameras, image size and horizon
-        from chunkpolicy.serving.evaluate import inspect_server
+        from chunkpolicy.evaluation.served import inspect_server
 
         if num_steps is not None:
             raise ValueError("num_steps: the server decides its integration steps (chunkpolicy serve --num-steps)")

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -53,6 +52,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from chunkpolicy.evaluation.predictors import observation_history
 from chunkpolicy.models.heads.base import HeadCapabilities
 from chunkpolicy.sim.base import Obs
 from chunkpolicy.spaces import EmbodimentSpec
@@ -329,16 +329,9 @@ def lerobot_predict_fn(runner: LeRobotRunner, prompts: list[str], *, seed: int =
     ``predict_fn(list of B obs) -> [B, H, A]`` in robot units."""
     info = runner.info
     T = max(1, info.n_obs_steps)
-    history: deque[list[Obs]] = deque(maxlen=T)
+    history, on_step = observation_history(T)
     gen = torch.Generator().manual_seed(int(seed))
     fork = [runner.device.index or 0] if runner.device.type == "cuda" else []
-
-    def on_step(t: int, obs: list[Obs]) -> None:
-        if t == 0:
-            history.clear()
-            history.extend([obs] * T)
-        else:
-            history.append(obs)
 
     def predict(obs: list[Obs], prefix: Any = None, prefix_len: int = 0, **_: Any) -> torch.Tensor:
         if prefix is not None:

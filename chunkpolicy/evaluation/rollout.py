@@ -5,8 +5,6 @@ The pieces, each usable on its own:
 * :func:`check_embodiment` — the env's embodiment must be one the policy was trained on, with the same action/state
   names and cameras, rendering frames of the size the training data had (``trained_on`` in the checkpoint's
   ``config.json``, when training recorded it); otherwise a ``ValueError`` that says what differs.
-* :func:`trained_image_size` — the ``(h, w)`` the policy's training data had (the backbone's image size for
-  checkpoints that did not record it: what training uses unless ``data.image_size`` was set).
 * :func:`policy_predict_fn` — ``predict_fn(list of B env obs, **executor_kwargs) -> [B, H, A]`` (robot units) for the
   executors of :mod:`chunkpolicy.runtime`; keeps the observation history when the policy uses ``T_obs > 1``.
   **Invalid chunks.** A head that may fail (``policy.head.caps.may_fail``, e.g. ``tokens``: an invalid token decode)
@@ -27,7 +25,6 @@ The pieces, each usable on its own:
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -35,12 +32,13 @@ import numpy as np
 import torch
 
 from chunkpolicy import batch as K
+from chunkpolicy.evaluation.predictors import do_nothing_predict_fn, observation_history, replace_invalid
 from chunkpolicy.runtime import rtc as _rtc  # noqa: F401  (registers the "rtc" executor)
 from chunkpolicy.runtime.executors import make_executor
 from chunkpolicy.sim.base import EnvPool, Obs, env_check_task, env_spec, make_env, obs_to_batch
 from chunkpolicy.spaces import EmbodimentSpec
 
-__all__ = ["Method", "check_embodiment", "trained_image_size", "policy_predict_fn", "do_nothing_predict_fn", "run_batch", "evaluate", "frame_of",
+__all__ = ["Method", "check_embodiment", "policy_predict_fn", "do_nothing_predict_fn", "run_batch", "evaluate", "frame_of",
            "EVAL_SEED"]
 
 EVAL_SEED = 100_000  # far above the seeds `collect` uses (0, 1, ...): evaluation scenes are held out by default
@@ -77,16 +75,6 @@ def check_embodiment(policy: Any, env_name: str, env_kwargs: dict[str, Any] | No
     return spec
 
 
-def trained_image_size(policy: Any) -> tuple[int, int]:
-    """``(h, w)`` of the policy's training frames: ``trained_on.image_size`` from the checkpoint, else the backbone's
-    square image size (what training resizes to unless ``data.image_size`` was set)."""
-    hw = (getattr(policy, "trained_on", None) or {}).get("image_size")
-    if hw is not None:
-        return int(hw[0]), int(hw[1])
-    s = int(policy.backbone.config.image_size)
-    return s, s
-
-
 def _history_batch(history: Sequence[list[Obs]], policy: Any, spec: EmbodimentSpec, prompts: list[str]) -> dict:
     """Stack ``T`` per-tick observation lists (oldest first) into one batch with ``T_obs = T``."""
     parts = [obs_to_batch(obs, policy.space, spec, prompts) for obs in history]
@@ -109,17 +97,10 @@ def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, 
     chunk of its env (see the module docstring); ``on_chunk(invalid)`` then receives the ``[B]`` bool mask of the
     replaced samples after every prediction."""
     T = int(policy.config.n_obs_steps)
-    history: deque[list[Obs]] = deque(maxlen=T)
+    history, on_step = observation_history(T)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     guided = _rtc.rtc_predict_fn(policy, num_steps=num_steps, generator=gen) if rtc else None
     may_fail = bool(policy.head.caps.may_fail)
-
-    def on_step(t: int, obs: list[Obs]) -> None:
-        if t == 0:
-            history.clear()
-            history.extend([obs] * T)
-        else:
-            history.append(obs)
 
     @torch.no_grad()
     def predict(obs: list[Obs], prefix: Any = None, prefix_len: int = 0) -> torch.Tensor:
@@ -132,46 +113,9 @@ def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, 
             chunk = policy.predict_chunk(batch, spec.name, num_steps=num_steps, generator=gen)
         if not may_fail:
             return chunk  # a NaN here is a bug: the executor raises on it
-        return _replace_invalid(chunk, policy.head.last_valid, obs, spec, on_chunk)
+        return replace_invalid(chunk, policy.head.last_valid, obs, spec, on_chunk)
 
     return predict, on_step
-
-
-def _replace_invalid(chunk: torch.Tensor, last_valid: torch.Tensor | None, obs: list[Obs], spec: EmbodimentSpec,
-                     on_chunk: Callable[[np.ndarray], None] | None) -> torch.Tensor:
-    """``chunk [B, H, A]`` with every sample that has NaN (or ``last_valid`` False) replaced by its env's do-nothing
-    chunk; ``on_chunk`` gets the ``[B]`` mask of the replaced samples."""
-    bad = torch.isnan(chunk).flatten(1).any(1).cpu().numpy()
-    if last_valid is not None:
-        lv = torch.as_tensor(last_valid).reshape(-1).cpu().numpy().astype(bool)
-        if lv.shape != bad.shape:
-            raise ValueError(f"head.last_valid: expected [{bad.shape[0]}] flags, got shape {tuple(lv.shape)}")
-        bad |= ~lv
-    if bad.any():
-        still = do_nothing_predict_fn(spec, chunk.shape[1])([obs[i] for i in np.flatnonzero(bad)])
-        chunk = chunk.clone()
-        chunk[torch.as_tensor(bad, device=chunk.device)] = torch.as_tensor(still, dtype=chunk.dtype, device=chunk.device)
-    if on_chunk is not None:
-        on_chunk(bad)
-    return chunk
-
-
-def do_nothing_predict_fn(spec: EmbodimentSpec, horizon: int) -> Callable[..., np.ndarray]:
-    """Baseline ``predict_fn``: chunks ``[B, H, A]`` that keep the robot still.
-
-    An action dim with a same-named state dim is a target for that state (absolute, e.g. Push-T's agent position; or
-    delta-able, e.g. ALOHA's joint positions, which only become deltas inside the policy) and holds the current state
-    value; other dims (displacements, velocities, a gripper command without a state twin) are 0."""
-    hold = [(i, spec.state_names.index(n)) for i, n in enumerate(spec.action_names) if n in spec.state_names]
-
-    def predict(obs: list[Obs], **_: Any) -> np.ndarray:
-        out = np.zeros((len(obs), horizon, spec.action_dim), dtype=np.float32)
-        for b, o in enumerate(obs):
-            for a, s in hold:
-                out[b, :, a] = o["state"][s]
-        return out
-
-    return predict
 
 
 def frame_of(obs: Obs, cameras: Sequence[str], scale: int = 4) -> np.ndarray:
@@ -191,7 +135,7 @@ class Method:
     rtc: bool = False
     device: str = "cpu"
     kind: str = "chunkpolicy"  # "chunkpolicy" | "lerobot" (a LeRobot policy dir: evaluation/lerobot_policy.py)
-    #                            | "server" (checkpoint is a ws:// URI of `chunkpolicy serve`: serving/evaluate.py)
+    #                            | "server" (checkpoint is a ws:// URI of `chunkpolicy serve`: evaluation/served.py)
 
 
 _POLICIES: dict[tuple[str, str], Any] = {}  # per process: checkpoint → loaded policy
@@ -234,7 +178,7 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
         policy_fn, hook = lerobot_predict_fn(load_lerobot_policy(method.checkpoint, method.device), pool.prompts,
                                              seed=int(seeds[0]))
     elif method.kind == "server":
-        from chunkpolicy.serving.evaluate import served_predict_fn
+        from chunkpolicy.evaluation.served import served_predict_fn
 
         policy_fn, hook, client = served_predict_fn(method.checkpoint, pool.spec, pool.prompts, seed=int(seeds[0]),
                                                     rtc=method.rtc, on_chunk=on_chunk)

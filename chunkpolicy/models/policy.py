@@ -122,6 +122,16 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         self.deltas = DeltaActions.for_space(space)  # used only when config.delta_actions
 
     @property
+    def trained_image_size(self) -> tuple[int, int]:
+        """``(h, w)`` of the training frames: ``trained_on.image_size`` from the checkpoint, else the backbone's square
+        image size (what training resizes to unless ``data.image_size`` was set)."""
+        hw = (getattr(self, "trained_on", None) or {}).get("image_size")
+        if hw is not None:
+            return int(hw[0]), int(hw[1])
+        s = int(self.backbone.config.image_size)
+        return s, s
+
+    @property
     def device(self) -> torch.device:
         return self.backbone.state_proj.weight.device
 

@@ -109,7 +109,6 @@ class PolicyService:
     def __init__(self, policy: Any, *, embodiment: str | None = None, key_map: Mapping[str, str] | None = None,
                  default_prompt: str | None = None, num_steps: int | None = None, rtc_beta: float = 5.0,
                  cuda_graph: bool = False, compile: bool = False, seed: int = 0) -> None:
-        from chunkpolicy.evaluation.rollout import trained_image_size
         from chunkpolicy.models.tokenizer import check_prompts
 
         self.policy = policy.eval()
@@ -123,7 +122,7 @@ class PolicyService:
             raise ValueError(f"key map: the checkpoint has several embodiments {names}; choose one with --embodiment")
         if default_prompt is not None:
             check_prompts(policy.tokenizer, [default_prompt], policy.config.max_prompt_tokens)
-        hw = trained_image_size(policy)
+        hw = policy.trained_image_size
         self.schemas: dict[str, P.ObservationSchema] = {}
         for spec in self.space.embodiments:
             s = P.ObservationSchema.default(spec.name, list(spec.cameras), spec.state_names, spec.action_names, hw,

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from chunkpolicy.sim.base import Obs, SimEnv, setup_headless_gl
+from chunkpolicy.sim.base import Obs, SimEnv, camera_spec, setup_headless_gl
 from chunkpolicy.spaces import EmbodimentSpec
 
 EMBODIMENT = "aloha"
@@ -62,17 +62,8 @@ _SCENES = {"transfer-cube": "bimanual_viperx_transfer_cube.xml", "insertion": "b
 
 def make_spec(cameras: Sequence[str] = DEFAULT_CAMERAS, **_: Any) -> EmbodimentSpec:
     """The ``aloha`` embodiment with these cameras (other adapter options do not change the spec)."""
-    unknown = [c for c in cameras if c not in CAMERAS]
-    if unknown or not cameras:
-        raise ValueError(f"cameras: {unknown or '[]'} not available; ALOHA cameras: {list(CAMERAS)}")
-    return EmbodimentSpec(
-        name=EMBODIMENT,
-        action_names=ACTION_NAMES,
-        state_names=STATE_NAMES,
-        cameras=tuple(cameras),
-        control_hz=CONTROL_HZ,
-        gripper_dims=GRIPPER_DIMS,
-    )
+    return camera_spec(EMBODIMENT, "ALOHA", cameras, CAMERAS, action_names=ACTION_NAMES, state_names=STATE_NAMES,
+                       control_hz=CONTROL_HZ, gripper_dims=GRIPPER_DIMS)
 
 
 def check_task(task: str) -> str:

@@ -43,6 +43,7 @@ __all__ = [
     "env_has_expert",
     "ENV_REGISTRY",
     "setup_headless_gl",
+    "camera_spec",
 ]
 
 
@@ -55,6 +56,15 @@ def setup_headless_gl(default: str = "egl") -> str:
     if gl in ("egl", "osmesa"):
         os.environ.setdefault("PYOPENGL_PLATFORM", gl)
     return gl
+
+
+def camera_spec(name: str, env_label: str, cameras: Sequence[str], available: Sequence[str], **spec: Any) -> EmbodimentSpec:
+    """An adapter's :class:`EmbodimentSpec` for a chosen subset of its ``available`` cameras (a ValueError naming
+    ``cameras`` and the choices when one is unknown or none is given); ``spec``: the other EmbodimentSpec fields."""
+    unknown = [c for c in cameras if c not in available]
+    if unknown or not cameras:
+        raise ValueError(f"cameras: {unknown or '[]'} not available; {env_label} cameras: {list(available)}")
+    return EmbodimentSpec(name=name, cameras=tuple(cameras), **spec)
 
 
 class SimEnv(ABC):

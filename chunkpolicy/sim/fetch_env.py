@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from chunkpolicy.sim.base import Obs, SimEnv, setup_headless_gl
+from chunkpolicy.sim.base import Obs, SimEnv, camera_spec, setup_headless_gl
 from chunkpolicy.spaces import EmbodimentSpec
 
 EMBODIMENT = "fetch"
@@ -45,17 +45,8 @@ _POS_SCALE = 0.05  # metres of mocap motion per unit action (gymnasium-robotics'
 
 
 def make_spec(cameras: Sequence[str] = DEFAULT_CAMERAS, **_: Any) -> EmbodimentSpec:
-    unknown = [c for c in cameras if c not in CAMERAS]
-    if unknown or not cameras:
-        raise ValueError(f"cameras: {unknown or '[]'} not available; Fetch cameras: {list(CAMERAS)}")
-    return EmbodimentSpec(
-        name=EMBODIMENT,
-        action_names=ACTION_NAMES,
-        state_names=STATE_NAMES,
-        cameras=tuple(cameras),
-        control_hz=CONTROL_HZ,
-        gripper_dims=("gripper", "finger_left", "finger_right"),
-    )
+    return camera_spec(EMBODIMENT, "Fetch", cameras, CAMERAS, action_names=ACTION_NAMES, state_names=STATE_NAMES,
+                       control_hz=CONTROL_HZ, gripper_dims=("gripper", "finger_left", "finger_right"))
 
 
 def check_task(task: str) -> str:

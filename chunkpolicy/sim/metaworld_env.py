@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from chunkpolicy.sim.base import Obs, SimEnv, setup_headless_gl
+from chunkpolicy.sim.base import Obs, SimEnv, camera_spec, setup_headless_gl
 from chunkpolicy.spaces import EmbodimentSpec
 
 EMBODIMENT = "metaworld_sawyer"
@@ -96,17 +96,8 @@ MT50 = TASKS
 
 def make_spec(cameras: Sequence[str] = DEFAULT_CAMERAS, **_: Any) -> EmbodimentSpec:
     """The ``metaworld_sawyer`` embodiment with these cameras (other adapter options do not change the spec)."""
-    unknown = [c for c in cameras if c not in CAMERAS]
-    if unknown or not cameras:
-        raise ValueError(f"cameras: {unknown or '[]'} not available; Meta-World cameras: {list(CAMERAS)}")
-    return EmbodimentSpec(
-        name=EMBODIMENT,
-        action_names=ACTION_NAMES,
-        state_names=STATE_NAMES,
-        cameras=tuple(cameras),
-        control_hz=CONTROL_HZ,
-        gripper_dims=("gripper", "gripper_opening"),
-    )
+    return camera_spec(EMBODIMENT, "Meta-World", cameras, CAMERAS, action_names=ACTION_NAMES, state_names=STATE_NAMES,
+                       control_hz=CONTROL_HZ, gripper_dims=("gripper", "gripper_opening"))
 
 
 def check_task(task: str) -> str:

@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from chunkpolicy.config import TRACKERS, check_trackers
+
 __all__ = ["TRACKERS", "Trackers", "check_trackers"]
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # tracker name → the package it needs
 
 _KINDS = ("train", "val")  # metrics.jsonl record kinds that are scalars of a step
 _RENAME = {"val/val_loss": "val/loss"}
@@ -44,23 +45,6 @@ def _numbers(rec: Mapping[str, Any], prefix: str) -> dict[str, float]:
             out[_RENAME.get(key, key)] = float(v)
         elif isinstance(v, Mapping):
             out.update(_numbers(v, key))
-    return out
-
-
-def check_trackers(names: Sequence[str] | None) -> list[str]:
-    """The tracker names of ``train.log_with``, checked: a ``ValueError`` naming the key for an unknown tracker or a
-    missing package."""
-    import importlib.util
-
-    out = []
-    for n in list(names or []):
-        if n not in TRACKERS:
-            raise ValueError(f"train.log_with: unknown tracker {n!r}; known: {sorted(TRACKERS)}")
-        if importlib.util.find_spec(TRACKERS[n]) is None:
-            raise ValueError(f"train.log_with: tracker {n!r} needs the {TRACKERS[n]!r} package "
-                             "(pip install 'chunkpolicy[trackers]')")
-        if n not in out:
-            out.append(n)
     return out
 
 

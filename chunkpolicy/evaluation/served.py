@@ -11,7 +11,6 @@ side; a robot needs only :mod:`chunkpolicy.serving.client`.)
 from __future__ import annotations
 
 import os
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -76,7 +75,7 @@ def served_predict_fn(uri: str, spec: Any, prompts: Sequence[str], *, seed: int 
     observation history, invalid-chunk handling and noise stream), one request per env; close ``client`` after."""
     import torch
 
-    from chunkpolicy.evaluation.rollout import _replace_invalid
+    from chunkpolicy.evaluation.predictors import observation_history, replace_invalid
 
     client = PolicyClient(uri, _api_key(), embodiment=spec.name)
     if list(client.schema.cameras) != list(spec.cameras):
@@ -84,16 +83,9 @@ def served_predict_fn(uri: str, spec: Any, prompts: Sequence[str], *, seed: int 
         raise ValueError(f"cameras: the server's {spec.name!r} takes cameras {list(client.schema.cameras)}, the env "
                          f"renders {list(spec.cameras)}")
     T, H, D = int(client.metadata["n_obs_steps"]), client.horizon, client.unified_dim
-    history: deque[list] = deque(maxlen=T)
+    history, on_step = observation_history(T)
     gen = torch.Generator().manual_seed(int(seed))
     may_fail = bool(client.metadata.get("may_fail"))
-
-    def on_step(t: int, obs: list) -> None:
-        if t == 0:
-            history.clear()
-            history.extend([obs] * T)
-        else:
-            history.append(obs)
 
     def predict(obs: list, prefix: Any = None, prefix_len: int = 0) -> np.ndarray:
         if not history:  # called without on_step: single-frame history
@@ -114,6 +106,6 @@ def served_predict_fn(uri: str, spec: Any, prompts: Sequence[str], *, seed: int 
         chunk = np.stack(chunks)
         if not may_fail:
             return chunk
-        return _replace_invalid(torch.from_numpy(chunk), torch.tensor(valid), obs, spec, on_chunk).numpy()
+        return replace_invalid(torch.from_numpy(chunk), torch.tensor(valid), obs, spec, on_chunk).numpy()
 
     return predict, on_step, client
