@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     minfo = msub.add_parser("info", help="parameter counts per component (built on the meta device)")
     minfo.add_argument("--preset", default="paligemma-3b")
     minfo.add_argument("--head", default="flow_expert", help="head name, or a typed config: '{type: dit, depth: 2}'")
-    mimp = msub.add_parser("import", help="convert pretrained weights (LeRobot pi0 / pi05, PaliGemma, SigLIP) into a "
+    mimp = msub.add_parser("import", help="convert pretrained weights (LeRobot or openpi pi0 / pi05, PaliGemma, SigLIP) into a "
                                           "chunkpolicy checkpoint; prints what was mapped, left out and assumed")
     mimp.add_argument("src", help="local source directory (nothing is downloaded)")
     mimp.add_argument("out", help="checkpoint directory to write (atomically)")

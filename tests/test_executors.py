@@ -208,3 +208,21 @@ def test_register_custom_executor():
         register_executor("bad", object)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="already registered"):
         register_executor("open_loop", Hold)
+
+
+def test_rtc_executor_needs_no_torch():
+    """make_executor knows "rtc" from the numpy-only executors module: a robot computer runs real-time chunking without
+    torch (the guided sampling is the policy side's job)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from chunkpolicy.runtime.executors import make_executor, RealTimeChunking\n"
+            "ex = make_executor('rtc:4,2'); assert isinstance(ex, RealTimeChunking) and ex.spec() == 'rtc:4,2'\n"
+            "calls = []\n"
+            "def predict(obs, prefix=None, prefix_len=0):\n"
+            "    calls.append(prefix_len); return np.arange(10.0)[:, None] + 100.0 * (len(calls) - 1)\n"
+            "acts = [float(ex.act(t, None, predict)[0]) for t in range(8)]\n"
+            "assert acts == [0, 1, 2, 3, 4, 5, 102, 103] and calls == [0, 2], (acts, calls)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

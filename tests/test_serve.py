@@ -316,6 +316,21 @@ def test_client_imports_no_torch():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
+def test_robot_loop_with_rtc_imports_no_torch(server):
+    """A robot computer drives the server with real-time chunking (RobotLoop + the rtc executor) without torch."""
+    code = ("import sys, numpy as np; from chunkpolicy.serving.client import PolicyClient, RobotLoop\n"
+            f"client = PolicyClient('ws://127.0.0.1:{server.port}', prompt='push')\n"
+            "loop = RobotLoop(client, 'rtc:2,1', auto_delay=True); loop.reset(); rng = np.random.default_rng(0)\n"
+            "obs = lambda: {'images': {c: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for c in ('top', 'wrist')},"
+            " 'state': rng.normal(size=2).astype(np.float32)}\n"
+            "acts = [loop.act(obs()) for _ in range(5)]\n"
+            "assert all(a.shape == (3,) and np.isfinite(a).all() for a in acts)\n"
+            "assert loop.executor.prediction_ticks == [0, 2, 4], loop.executor.prediction_ticks\n"
+            "client.close(); assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
 def test_protocol_round_trip_is_openpi_compatible():
     x = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.int64(3), "c": "s", "d": [1, 2]}
     for packed in (P.pack(x), msgpack_numpy.packb(x)):

@@ -33,7 +33,7 @@ import torch
 
 from chunkpolicy import batch as K
 from chunkpolicy.evaluation.predictors import do_nothing_predict_fn, observation_history, replace_invalid
-from chunkpolicy.runtime import rtc as _rtc  # noqa: F401  (registers the "rtc" executor)
+from chunkpolicy.runtime import rtc as _rtc  # rtc_predict_fn: the guided sampler behind the "rtc" executor
 from chunkpolicy.runtime.executors import make_executor
 from chunkpolicy.sim.base import EnvPool, Obs, env_check_task, env_spec, make_env, obs_to_batch
 from chunkpolicy.spaces import EmbodimentSpec

@@ -15,12 +15,15 @@ float32 NumPy array. ``obs`` is passed through untouched, so it can be anything 
 env observations, a ready batch dict, ...). Ticks must be consecutive from 0 after ``reset`` (a skipped or repeated tick
 raises), so an executor never silently drifts out of step with the environment.
 
-Adding an executor (e.g. real-time chunking, ``rtc``): subclass :class:`ChunkExecutor`, implement ``_reset`` and
-``_act``, and call :func:`register_executor`. Executors that need more from the policy than an observation (RTC
-conditions the next chunk on the actions that will already have run during the inference delay) pass extra keyword
-arguments to ``predict_fn`` (e.g. ``predict_fn(obs, prefix=..., prefix_len=d)``); the policy side decides how to honour
-them. The executors here call ``predict_fn(obs)`` only. :meth:`ChunkExecutor._predict` is the one place that calls the
+Adding an executor: subclass :class:`ChunkExecutor`, implement ``_reset`` and ``_act``, and call
+:func:`register_executor`. Executors that need more from the policy than an observation pass extra keyword arguments to
+``predict_fn``: :class:`RealTimeChunking` (``rtc``) conditions the next chunk on the actions that will already have run
+during the inference delay, ``predict_fn(obs, prefix=..., prefix_len=d)``; the policy side decides how to honour them
+(in process :func:`chunkpolicy.runtime.rtc.rtc_predict_fn`, which needs torch; over the wire
+:class:`chunkpolicy.serving.client.PolicyClient`). :meth:`ChunkExecutor._predict` is the one place that calls the
 policy, validates the chunk and counts calls.
+
+This module imports only numpy, so every executor, ``rtc`` included, runs on a robot computer without torch.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "ChunkExecutor",
     "OpenLoop",
     "TemporalEnsemble",
+    "RealTimeChunking",
     "ensemble_weights",
     "register_executor",
     "available_executors",
@@ -215,6 +219,51 @@ class TemporalEnsemble(ChunkExecutor):
         return np.tensordot(w, np.stack(proposals), axes=1)
 
 
+class RealTimeChunking(ChunkExecutor):
+    """Execute ``s`` actions per chunk; the next chunk is requested ``d`` ticks before the switch would be late.
+
+    At tick ``t`` with ``(t mod s) == 0`` (after the first chunk) the policy is called with ``prefix`` = the current
+    chunk's actions from this tick on and ``prefix_len = d``. The first ``d`` actions of the new period are still taken
+    from the old chunk (on a robot they run while the model computes), the rest from the new chunk. Needs a chunk
+    horizon ``H >= s + d`` and a policy that honours ``prefix``/``prefix_len`` (guided flow sampling,
+    :mod:`chunkpolicy.runtime.rtc`); ``d`` may be changed between switches (the serving client sets it from the
+    measured latency).
+    """
+
+    name = "rtc"
+    needs = ("velocity",)  # guidance steers a flow sampler
+
+    def __init__(self, s: int = 8, d: int = 2) -> None:
+        if s < 1 or d < 0 or d > s:
+            raise ValueError(f"rtc: need exec horizon s >= 1 and 0 <= delay d <= s, got s={s}, d={d}")
+        self.s, self.d = int(s), int(d)
+        super().__init__()
+
+    def spec(self) -> str:
+        return f"{self.name}:{self.s},{self.d}"
+
+    def _reset(self) -> None:
+        self._old: np.ndarray | None = None
+        self._new: np.ndarray | None = None
+        self._start = 0  # tick at which the current period started
+
+    def _act(self, t: int, obs: Any, predict_fn: PredictFn) -> np.ndarray:
+        if self._new is None:  # first chunk: nothing to inpaint
+            self._new = self._predict(t, obs, predict_fn)
+            self._start = t
+            if self._new.shape[1] < self.s + self.d:
+                raise ValueError(f"rtc: chunk horizon H={self._new.shape[1]} < s + d = {self.s + self.d}")
+        elif t - self._start == self.s:
+            self._old = self._new
+            prefix = self._old[:, self.s :]
+            self._new = self._predict(t, obs, predict_fn, prefix=prefix, prefix_len=self.d)
+            self._start = t
+        i = t - self._start
+        if self._old is not None and i < self.d:  # still inside the inference delay: the committed actions run
+            return self._old[:, self.s + i]
+        return self._new[:, i]
+
+
 # -- registry --------------------------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[ChunkExecutor]] = {}
 
@@ -273,7 +322,8 @@ def make_executor(spec: str | ChunkExecutor) -> ChunkExecutor:
     """Build an executor from ``"name"``, ``"name:v1,v2"`` or ``"name:key=value,..."``.
 
     Examples: ``"open_loop:8"`` (run 8 actions per chunk), ``"open_loop"`` (run whole chunks),
-    ``"temporal_ensemble:0.01"``, ``"temporal_ensemble:m=0.1"``. An executor instance is returned as it is.
+    ``"temporal_ensemble:0.01"``, ``"temporal_ensemble:m=0.1"``, ``"rtc:8,2"`` (real-time chunking, s=8, d=2).
+    An executor instance is returned as it is.
     """
     if isinstance(spec, ChunkExecutor):
         return spec
@@ -312,3 +362,4 @@ def make_executor(spec: str | ChunkExecutor) -> ChunkExecutor:
 
 register_executor(OpenLoop.name, OpenLoop)
 register_executor(TemporalEnsemble.name, TemporalEnsemble)
+register_executor(RealTimeChunking.name, RealTimeChunking)

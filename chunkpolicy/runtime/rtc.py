@@ -13,7 +13,9 @@ target with a vector–Jacobian product through the velocity network:
 eager or captured in a CUDA graph by :class:`~chunkpolicy.runtime.graphs.CudaGraphPolicy`); it works with any head
 that declares ``caps.velocity`` (``flow_expert``; ``dit`` with the flow objective). The target is the previous chunk
 mapped into the model's space by :meth:`ChunkPolicy.preprocess_actions` (normalized; relative to the new chunk-start
-state with delta actions). :class:`RealTimeChunking` is the executor; :func:`rtc_predict_fn` makes the policy side.
+state with delta actions). :func:`rtc_predict_fn` makes the policy side. The executor,
+:class:`~chunkpolicy.runtime.executors.RealTimeChunking` (``rtc``), is torch-free and lives in
+:mod:`chunkpolicy.runtime.executors` (re-exported here), so a robot computer runs it without this module.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import numpy as np
 import torch
 
 from chunkpolicy.models.policy import ChunkPolicy
-from chunkpolicy.runtime.executors import ChunkExecutor, PredictFn, register_executor
+from chunkpolicy.runtime.executors import PredictFn, RealTimeChunking
+
+__all__ = ["rtc_weights", "RTCGuidance", "rtc_target", "rtc_predict_fn", "RealTimeChunking"]
 
 
 def rtc_weights(horizon: int, delay: int, exec_horizon: int) -> np.ndarray:
@@ -133,48 +137,3 @@ def rtc_predict_fn(policy: ChunkPolicy, beta: float = 5.0, num_steps: int | None
         return policy.space.unpad(out, int(inp["embodiment"][0]), "action")
 
     return predict
-
-
-class RealTimeChunking(ChunkExecutor):
-    """Execute ``s`` actions per chunk; the next chunk is requested ``d`` ticks before the switch would be late.
-
-    At tick ``t`` with ``(t mod s) == 0`` (after the first chunk) the policy is called with ``prefix`` = the current
-    chunk's actions from this tick on and ``prefix_len = d``. The first ``d`` actions of the new period are still taken
-    from the old chunk (on a robot they run while the model computes), the rest from the new chunk.
-    """
-
-    name = "rtc"
-    needs = ("velocity",)  # guidance steers a flow sampler
-
-    def __init__(self, s: int = 8, d: int = 2) -> None:
-        if s < 1 or d < 0 or d > s:
-            raise ValueError(f"rtc: need exec horizon s >= 1 and 0 <= delay d <= s, got s={s}, d={d}")
-        self.s, self.d = int(s), int(d)
-        super().__init__()
-
-    def spec(self) -> str:
-        return f"{self.name}:{self.s},{self.d}"
-
-    def _reset(self) -> None:
-        self._old: np.ndarray | None = None
-        self._new: np.ndarray | None = None
-        self._start = 0  # tick at which the current period started
-
-    def _act(self, t: int, obs: Any, predict_fn: PredictFn) -> np.ndarray:
-        if self._new is None:  # first chunk: nothing to inpaint
-            self._new = self._predict(t, obs, predict_fn)
-            self._start = t
-            if self._new.shape[1] < self.s + self.d:
-                raise ValueError(f"rtc: chunk horizon H={self._new.shape[1]} < s + d = {self.s + self.d}")
-        elif t - self._start == self.s:
-            self._old = self._new
-            prefix = self._old[:, self.s :]
-            self._new = self._predict(t, obs, predict_fn, prefix=prefix, prefix_len=self.d)
-            self._start = t
-        i = t - self._start
-        if self._old is not None and i < self.d:  # still inside the inference delay: the committed actions run
-            return self._old[:, self.s + i]
-        return self._new[:, i]
-
-
-register_executor(RealTimeChunking.name, RealTimeChunking)

@@ -13,12 +13,12 @@ Imports only numpy, msgpack, websockets, :mod:`chunkpolicy.serving.protocol` and
         robot.command(loop.act(obs))                                        # [A] in robot units
 
 ``client.predict_fn()`` is the ``predict_fn(obs, prefix=None, prefix_len=0) -> [H, A]`` of
-:mod:`chunkpolicy.runtime.executors`; real-time chunking (the ``rtc`` executor, :mod:`chunkpolicy.runtime.rtc`) sends the
-previous chunk's remaining actions and the committed delay ``d`` with the observation (``rtc/prefix``,
-``rtc/prefix_len``) and the server guides its sampler with them. :class:`RobotLoop` with ``auto_delay=True`` sets
-``d`` before every switch from the round-trip latency it measured (``ceil(latency · control_hz)``, the worst of the
-recent round trips). Each reply's round trip is in :attr:`PolicyClient.latencies`. (The ``rtc`` executor class is
-registered by :mod:`chunkpolicy.runtime.rtc`, which imports torch; open-loop and temporal ensembling need none.)
+:mod:`chunkpolicy.runtime.executors`; real-time chunking (the ``rtc`` executor,
+:class:`~chunkpolicy.runtime.executors.RealTimeChunking`) sends the previous chunk's remaining actions and the committed
+delay ``d`` with the observation (``rtc/prefix``, ``rtc/prefix_len``) and the server guides its sampler with them.
+:class:`RobotLoop` with ``auto_delay=True`` sets ``d`` before every switch from the round-trip latency it measured
+(``ceil(latency · control_hz)``, the worst of the recent round trips). Each reply's round trip is in
+:attr:`PolicyClient.latencies`. Every executor, ``rtc`` included, is torch-free; the guidance runs on the server.
 The executors call ``predict_fn`` synchronously: the request at a switch tick blocks that tick for one round trip.
 
 An openpi ``WebsocketClientPolicy`` speaks to the same server; this client adds the schema (env-style observations →
@@ -186,9 +186,6 @@ class RobotLoop:
     def __init__(self, client: PolicyClient, executor: str | ChunkExecutor = "open_loop:8", prompt: str | None = None,
                  auto_delay: bool = True) -> None:
         self.client = client
-        if isinstance(executor, str) and executor.strip().startswith("rtc"):
-            # the rtc executor is registered by runtime/rtc.py, next to its guidance: that import brings torch
-            import chunkpolicy.runtime.rtc  # noqa: F401
         self.executor = make_executor(executor)
         self.auto_delay = auto_delay and hasattr(self.executor, "d") and hasattr(self.executor, "s")
         self._predict = client.predict_fn(prompt)
