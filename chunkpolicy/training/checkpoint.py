@@ -12,6 +12,9 @@ Layout of ``RUN/checkpoints/step_000100/``::
         ema.safetensors          EMA shadow of the trainable parameters (when EMA is on)
         rng_rank{r}.safetensors  torch CPU/CUDA generator states; python and numpy states in its metadata
 
+The policy files are what the trainer's ``export_fn`` writes (:func:`default_export` for a model without
+``save_pretrained``); ``training_state/`` is filled by :mod:`chunkpolicy.training.train_state`.
+
 A checkpoint is written into ``checkpoints/.step_000100.tmp`` and renamed into place, so every ``step_*``
 directory is complete; temp directories left by a killed run are removed on the next start.
 """
@@ -113,6 +116,16 @@ class CheckpointManager:
             for p in self.dir.iterdir():
                 if p.name.startswith("."):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def default_export(model: torch.nn.Module, path: Path) -> None:
+    """The policy part of a checkpoint: ``model.save_pretrained(path)`` if it has one, else its state dict as
+    ``path/model.safetensors``."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(path)
+        return
+    path.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
 
 
 # -- RNG ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ Two tools, both used by the trainer (``train.probe_nonfinite``, ``train.probe_ev
   its forward call site), or, when everything is finite, the parameters with the largest gradient norms. The
   trainer runs it on the batches of steps that its non-finite guard skipped, so a skipped step leaves a report
   naming where the overflow happened (``run_dir/nonfinite/step_XXXXXX.json``, the batch beside it for replay).
+  :func:`write_probe_report` runs it and writes that report.
 
 Everything here is a diagnostic: slow (one host sync per torch call in a probe), called rarely, and it leaves the
 model, the optimizer and the random number generators as they were.
@@ -20,6 +21,7 @@ model, the optimizer and the random number generators as they were.
 
 from __future__ import annotations
 
+import json
 import math
 import traceback
 import warnings
@@ -31,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["optimizer_health", "HEALTH_KEYS", "probe_step"]
+from chunkpolicy.atomic import atomic_file
+
+__all__ = ["optimizer_health", "HEALTH_KEYS", "probe_step", "write_probe_report"]
 
 HEALTH_KEYS = ("weight_absmax", "adam_m_absmax", "adam_v_max")
 _PKG = str(Path(__file__).resolve().parents[1])  # .../chunkpolicy
@@ -193,3 +197,29 @@ def probe_step(policy: torch.nn.Module, batch: Mapping[str, Any], *, seeds: Iter
     inputs = {k: {"absmax": float(v.detach().abs().float().max()), "finite": bool(torch.isfinite(v).all())}
               for k, v in batch.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 0}
     return {"reproduced": sum(r["nonfinite"] for r in repeats), "repeats": repeats, "batch_inputs": inputs}
+
+
+def write_probe_report(policy: torch.nn.Module, micro_batches: list[Mapping[str, Any]], step: int, kind: str,
+                       out_dir: Path, tag: str, *, seeds: Iterable[int], autocast: bool,
+                       device: torch.device) -> dict[str, Any]:
+    """:func:`probe_step` on the first of a step's host ``micro_batches``, written to ``out_dir/{tag}.json`` (for
+    ``kind="nonfinite"`` the micro-batches too, as ``{tag}_batch.pt``, for replay); returns the metrics record
+    (``kind``, ``step``, where the report is, what it found; ``None`` where a field does not apply)."""
+    try:
+        rep = probe_step(policy, micro_batches[0], seeds=seeds, autocast=autocast, device=device)
+    except Exception as e:  # a diagnostic never stops training; say why it could not run
+        rep = {"error": f"{type(e).__name__}: {e}"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out_dir / f"{tag}.json") as tmp:
+        tmp.write_text(json.dumps({"step": step, "kind": kind, **rep}, indent=1, default=str))
+    if kind == "nonfinite":
+        with atomic_file(out_dir / f"{tag}_batch.pt") as tmp:  # clones: a collated batch is views of one block
+            torch.save([{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in mb.items()} for mb in micro_batches], tmp)
+    reps = rep.get("repeats", [])
+    first = next((r["first_nonfinite_forward"] for r in reps if r.get("first_nonfinite_forward")), None)
+    bwd = next((r["backward_error"] for r in reps if r.get("backward_error")), None)
+    logits = [r["attention_logit_absmax"] for r in reps if r.get("attention_logit_absmax") is not None]
+    return {"kind": kind, "step": step, "report": str(out_dir / f"{tag}.json"), "error": rep.get("error"),
+            "reproduced": rep.get("reproduced"), "repeats": len(reps),
+            "losses": [r["loss"] for r in reps], "attention_logit_absmax": max(logits, default=None),
+            "first_nonfinite_forward": first and f"{first['call']} at {first['site']}", "backward_error": bwd}

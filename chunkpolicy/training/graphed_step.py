@@ -35,6 +35,18 @@ from chunkpolicy.models.policy import ChunkPolicy
 from chunkpolicy.training.optim import tensor_lrs
 
 
+def check_graphable(model: torch.nn.Module, device: torch.device, *, world: int, grad_accum: int) -> None:
+    """Raise ``ValueError`` when a run cannot train with ``train.cuda_graph`` (the contract above)."""
+    if device.type != "cuda":
+        raise ValueError(f"train.cuda_graph: needs a CUDA device; this run is on {device.type}")
+    if world != 1:
+        raise ValueError(f"train.cuda_graph: one process only (DDP communicates outside the graph); this run has {world}")
+    if grad_accum != 1:
+        raise ValueError(f"train.cuda_graph: needs train.grad_accum=1, got {grad_accum}")
+    if not (hasattr(model, "prepare_train_inputs") and hasattr(model, "loss_from_inputs")):
+        raise ValueError(f"train.cuda_graph: {type(model).__name__} has no prepare_train_inputs/loss_from_inputs")
+
+
 def capturable_adamw(params: Any, lr: float, device: torch.device | str = "cuda", **kw: Any) -> torch.optim.AdamW:
     """Fused AdamW with ``capturable=True`` and a tensor learning rate on ``device`` (what :class:`GraphedTrainStep`
     needs); ``params`` as for ``torch.optim.AdamW`` (parameters or groups, e.g.

@@ -134,6 +134,38 @@ def schedule_of(scheduler: torch.optim.lr_scheduler.LambdaLR) -> LRSchedule:
     return scheduler.lr_lambdas[0].schedule  # type: ignore[attr-defined]
 
 
+def set_lrs(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Each group's lr from the schedule at its current step (after a load or a change of scale)."""
+    for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        set_lr(g, base * fn(scheduler.last_epoch))
+
+
+# -- precision of weights and moments ----------------------------------------------------------------------------
+def precision_label(mode: str) -> str:
+    """How ``train.precision`` reads in the start-up line."""
+    return {"fp32": "fp32", "bf16": "bf16 (fast path)"}[mode]
+
+
+def apply_precision(model: nn.Module, mode: str, *, verbose: bool = True) -> None:
+    """``train.precision``: ``fp32`` (default) keeps fp32 weights (master weights) and fp32 AdamW moments, the
+    forward/backward computed in bf16 under ``mixed_precision=bf16``; a model handed over in another dtype is cast to
+    fp32. ``bf16`` (opt-in fast path) casts the parameters to bf16, so AdamW keeps bf16 moments too (PyTorch's AdamW
+    keeps its state in the parameters' dtype) and there is no fp32 copy: faster and smaller, but updates below bf16's
+    resolution are lost, which drifts over long runs. Buffers keep their dtype; ``verbose``: say what was cast."""
+    if mode not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision: expected fp32 or bf16, got {mode!r}")
+    want = torch.float32 if mode == "fp32" else torch.bfloat16
+    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != want]
+    if not params:
+        return
+    if verbose:
+        print(f"train.precision={mode}: casting {sum(p.numel() for p in params):,} parameters "
+              f"from {params[0].dtype} to {want}")
+    with torch.no_grad():
+        for p in params:  # parameters only: buffers (normalization stats, ...) keep their dtype
+            p.data = p.data.to(want)
+
+
 # -- state without pickles ---------------------------------------------------------------------------------------
 def optimizer_state_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
     """``optimizer.state_dict()`` → (flat tensors for safetensors, JSON of everything else)."""

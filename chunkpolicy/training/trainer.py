@@ -18,25 +18,13 @@ Structure: :meth:`Trainer.fit` = :meth:`~Trainer.build_state` (a :class:`TrainSt
 schedule, EMA, sampler, counters, the resumed checkpoint) → :meth:`~Trainer.train_step` per optimizer step (eager and
 CUDA-graph steps differ only in :meth:`~Trainer._micro_step`) → logging / validation / checkpoint cadence → summary.
 
-Precision (``train.precision``): ``fp32`` (default) keeps fp32 weights (master weights) and fp32 AdamW moments, the
-forward/backward computed in bf16 under ``mixed_precision=bf16``; a model handed over in another dtype is cast to fp32.
-``bf16`` (opt-in fast path) casts the parameters to bf16, so AdamW keeps bf16 moments too (PyTorch's AdamW keeps its
-state in the parameters' dtype) and there is no fp32 copy: faster and smaller, but updates below bf16's resolution are
-lost, which drifts over long runs.
+Precision (``train.precision``, :func:`~chunkpolicy.training.optim.apply_precision`): ``fp32`` (default) fp32
+weights and AdamW moments, computed in bf16 under ``mixed_precision=bf16``; ``bf16`` (opt-in fast path) bf16 weights
+and moments, no fp32 copy.
 
-Non-finite guard: a step whose loss (any micro-batch) or gradient norm is not finite is skipped: the fused AdamW gets
-a device-side ``found_inf`` flag (eager and CUDA-graph steps alike; the kernel then leaves weights, moments and step
-counts untouched) and the EMA update is multiplied by the same flag, so no host sync is added per step. The skipped
-steps still consume their batches and advance the schedule. A device-side counter of skipped steps and of the current
-streak is read with the loss at each ``train`` record (``skipped``, ``skipped_total``): that read is the only sync,
-so a streak is noticed up to ``log_every`` steps late (harmless: skipped steps change nothing). When the streak has
-reached ``train.max_bad_steps`` at a record (or a checkpoint finds non-finite weights), the run rolls back to its latest
-checkpoint (weights, optimizer, EMA, data position, RNG) with the learning rate × ``train.rollback_lr_factor``
-(a ``rollback`` record; the factor is kept in later checkpoints, so a resumed run continues exactly); without a
-checkpoint it continues from the current weights (the last good step's) with the lower rate. After
-``train.max_rollbacks`` rollbacks it stops (:class:`TrainingDiverged`, after ``summary.json``), leaving the last good
-weights on disk: checkpoints are only written from finite weights. An optimizer that is not fused (non-float
-parameters) falls back to reading the flag on the host each step.
+Non-finite guard (:mod:`~chunkpolicy.training.guard`): a step whose loss or gradient norm is not finite is skipped
+on the device, without a host sync; a streak of them rolls the run back to its latest checkpoint with a lower learning
+rate, and too many rollbacks stop it (:class:`TrainingDiverged`).
 
 Time budget: ``train.max_minutes`` ends the run once its training time (all sessions; validation, checkpoint and
 rollback time not counted, start-up not counted) reaches the budget, with a final train record, validation and
@@ -45,38 +33,42 @@ checkpoint; ``summary.json`` says why the run stopped (``stopped``: steps | max_
 
 Outputs in the run dir: ``config.yaml``, ``metrics.jsonl`` (one JSON record per log/validation event),
 ``checkpoints/step_XXXXXX/`` (see :mod:`chunkpolicy.training.checkpoint`), ``loss.png`` and ``summary.json``.
+
+Around the loop: :mod:`~chunkpolicy.training.train_state` (the state and its checkpoint round trip),
+:mod:`~chunkpolicy.training.guard`, :mod:`~chunkpolicy.training.metrics` (``metrics.jsonl``, ``loss.png``) and
+:mod:`~chunkpolicy.training.summary` (``summary.json`` and the printed table).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import deque
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from chunkpolicy.atomic import atomic_file
 from chunkpolicy.data.mixture import MixtureSampler
 from chunkpolicy.models.attention import training_attention_backends
-from chunkpolicy.training.checkpoint import (
-    STATE_DIR, CheckpointManager, TrainingState, load_rng, read_training_state, save_rng, write_training_state,
-)
-from chunkpolicy.training.diagnostics import HEALTH_KEYS, optimizer_health, probe_step
+from chunkpolicy.training.checkpoint import STATE_DIR, CheckpointManager, default_export, save_rng
+from chunkpolicy.training.run_config import write_run_config
+from chunkpolicy.training.diagnostics import HEALTH_KEYS, optimizer_health
 from chunkpolicy.training.ema import EMA
 from chunkpolicy.training.distributed import LossModule, ShardedBatchSampler, make_accelerator, to_device, unused_parameters
+from chunkpolicy.training.guard import NonFiniteGuard, TrainingDiverged, weights_finite
+from chunkpolicy.training.metrics import MetricsLog
 from chunkpolicy.training.optim import (
-    LRSchedule, build_optimizer, build_scheduler, optimizer_state_from_tensors, optimizer_state_to_tensors, plain_numbers,
-    schedule_of, set_lr,
-    tensor_lrs,
+    LRSchedule, apply_precision, build_optimizer, build_scheduler, precision_label, tensor_lrs,
 )
+from chunkpolicy.training.summary import fmt_time, print_summary, run_summary, startup_breakdown, write_summary
+from chunkpolicy.training.train_state import TrainState, load_train_state, save_train_state
+from chunkpolicy.training.validation import validation_loss
 
 __all__ = ["Trainer", "TrainState", "StepOutput", "TrainingDiverged", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device",
            "unused_parameters", "default_export", "print_summary", "KILL_ENV", "POISON_ENV"]
@@ -85,47 +77,6 @@ KILL_ENV = "CHUNKPOLICY_TEST_KILL_AFTER_CKPT"  # test hook: SIGKILL this process
 # test hook: before step <step>, one weight of the first trainable parameter becomes inf (a runaway weight, the same in
 # eager and CUDA-graph steps: the graph reads the parameter in place); the guard must skip, roll back and recover
 POISON_ENV = "CHUNKPOLICY_TEST_POISON_WEIGHT_AT_STEP"
-
-
-def default_export(model: nn.Module, path: Path) -> None:
-    """``model.save_pretrained(path)`` if it has one, else its state dict as ``path/model.safetensors``."""
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(path)
-        return
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-
-
-@dataclass
-class TrainState:
-    """What :meth:`Trainer.build_state` creates before the loop, and the counters the loop advances: with the model's
-    weights and the random streams, everything a checkpoint saves and a resumed run restores."""
-
-    device: torch.device
-    graphed: bool  # train.cuda_graph: each step replays one CUDA graph
-    wrapper: nn.Module  # what an eager step calls: accelerate's (DDP, autocast) wrapper of LossModule(model)
-    optimizer: Any
-    scheduler: Any
-    ema: EMA | None
-    sampler: MixtureSampler
-    val_loader: Any  # fixed validation batches (None without a validation set)
-    graph: Any = None  # the GraphedTrainStep, captured on the first batch (it needs the batch shapes)
-    trainable: list[nn.Parameter] = field(default_factory=list)
-    n_trainable: int = 0
-    n_params: int = 0
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # sampler epoch
-    position: int = 0  # micro-batches of this process consumed in the epoch
-    samples_seen: int = 0
-    elapsed_before: float = 0.0  # wall time of the earlier sessions of the run
-    train_time_before: float = 0.0  # training time (validation / checkpoints excluded) of the earlier sessions
-    resumed_from: Path | None = None
-    skip_count: Any = None  # device: steps skipped by the non-finite guard, whole run
-    skip_streak: Any = None  # device: consecutive skipped steps up to now
-    recent_skips: Any = None  # device [log_every]: skip flag of step n at n % log_every, since the last train record
-    rollbacks: int = 0
 
 
 @dataclass
@@ -164,16 +115,7 @@ class _Session:
     message: str = ""
 
 
-class TrainingDiverged(FloatingPointError):
-    """The non-finite guard gave up (``train.max_rollbacks`` rollbacks used); raised after ``summary.json``."""
-
-
-def _fmt_time(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class Trainer:
+class Trainer(NonFiniteGuard):
     """Args:
         model: module with ``compute_loss(batch)``; parameters with ``requires_grad=False`` stay frozen.
         train_set / val_set: map-style datasets yielding batch-schema dicts (val may be None).
@@ -221,7 +163,7 @@ class Trainer:
         self.is_main = self.acc.is_main_process
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.global_batch = cfg.batch_size * self.world * cfg.grad_accum
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.run_dir, self.is_main)
         self.t_created = time.perf_counter()
         # host batches of the current logging interval (step, [micro-batches]): a step the guard skipped is replayed
         # from them by the non-finite probe; the latest step's batch for the periodic probe
@@ -275,9 +217,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         cfg, acc = self.cfg, self.acc
-        dev = acc.device
+        dev, precision = acc.device, getattr(cfg, "precision", "fp32")
         self.model.to(dev)
-        self._apply_precision()
+        apply_precision(self.model, precision, verbose=self.is_main)
         self.model.train()
         if self.world > 1 and getattr(cfg, "find_unused_parameters", None) is None and acc.ddp_handler is not None:
             unused = self.unused_parameters()
@@ -287,7 +229,9 @@ class Trainer:
                       "find_unused_parameters=True")
         graphed = bool(getattr(cfg, "cuda_graph", False))
         if graphed:
-            self._check_cuda_graph(dev)
+            from chunkpolicy.training.graphed_step import check_graphable
+
+            check_graphable(self.model, dev, world=self.world, grad_accum=cfg.grad_accum)
         if getattr(cfg, "compile", False):
             if not hasattr(self.model, "compile_layers"):
                 raise ValueError(f"train.compile: {type(self.model).__name__} has no compile_layers()")
@@ -317,7 +261,7 @@ class Trainer:
             st.resumed_from = ckpt
         if graphed:  # after loading: a checkpoint's learning rates come back as numbers
             tensor_lrs(st.optimizer, dev)
-        self._truncate_metrics(st.step)  # drop records past the checkpoint (or of a run that never saved one)
+        self.metrics.truncate(st.step)  # drop records past the checkpoint (or of a run that never saved one)
         if ckpt is not None and self.is_main:
             print(f"resumed from {ckpt} (step {st.step}, epoch {st.epoch}, batch {st.position} of the epoch)")
         elif ckpt is None and self.resume and self.is_main:
@@ -327,43 +271,17 @@ class Trainer:
         st.n_params = sum(p.numel() for p in self.model.parameters())
         if self.is_main:
             print(f"training {st.n_trainable:,} of {st.n_params:,} parameters on {self.world} × {dev.type} "
-                  f"(weights and AdamW moments: {self._precision()}, mixed precision: {cfg.mixed_precision}); global batch {self.global_batch} "
+                  f"(weights and AdamW moments: {precision_label(precision)}, mixed precision: {cfg.mixed_precision}); "
+                  f"global batch {self.global_batch} "
                   f"= {cfg.batch_size} × {self.world} processes × {cfg.grad_accum} accumulation")
         return st
 
     def _load(self, st: TrainState, ckpt: Path) -> None:
-        state, trainable, opt_t, opt_meta, ema = read_training_state(ckpt)
-        if state.world_size != self.world:
-            raise ValueError(f"{ckpt}: saved with {state.world_size} processes, resuming with {self.world}; "
-                             "exact data-order resume needs the same number")
-        own = self._trainable()
-        missing, extra = sorted(set(own) - set(trainable)), sorted(set(trainable) - set(own))
-        if missing or extra:
-            raise ValueError(f"{ckpt}: trainable parameters differ from this run's model: missing {missing[:5]}, "
-                             f"unexpected {extra[:5]} (was posttrain.mode changed?)")
-        with torch.no_grad():
-            for n, p in own.items():
-                if p.shape != trainable[n].shape:
-                    raise ValueError(f"{ckpt}: {n} has shape {tuple(trainable[n].shape)}, model has {tuple(p.shape)}")
-                p.copy_(trainable[n])
-        st.optimizer.load_state_dict(optimizer_state_from_tensors(opt_t, opt_meta))
-        st.scheduler.load_state_dict(state.scheduler)
-        if st.ema is not None:
-            if ema is None:
-                raise ValueError(f"{ckpt}: has no EMA state but train.ema_decay={self.cfg.ema_decay}")
-            st.ema.load_state_dict(ema, state.ema_updates)
-        st.step, st.epoch, st.position = state.step, state.epoch, state.position
-        st.samples_seen, st.elapsed_before = state.samples_seen, state.elapsed_s
-        guard = state.extra.get("guard", {})
-        st.train_time_before = float(state.extra.get("train_time_s", state.elapsed_s))
-        st.rollbacks = int(guard.get("rollbacks", 0))
-        st.skip_count.fill_(float(guard.get("skipped_steps", 0)))
-        st.skip_streak.fill_(float(guard.get("skip_streak", 0)))
-        schedule_of(st.scheduler).scale = float(guard.get("lr_scale", 1.0))
-        self._set_lrs()
-        load_rng(ckpt / STATE_DIR, self.rank)
+        load_train_state(st, ckpt, self._trainable(), world=self.world, rank=self.rank, ema_decay=self.cfg.ema_decay)
 
     def save_checkpoint(self) -> Path:
+        """``checkpoints/step_XXXXXX``: the exported model (EMA weights when EMA is on) and ``training_state/``,
+        written into a temp dir and committed; ``loss.png`` redrawn."""
         acc, st = self.acc, self.state
         acc.wait_for_everyone()
         tmp = self.manager.dir / f".step_{st.step:06d}.tmp"
@@ -371,44 +289,23 @@ class Trainer:
             tmp = self.manager.temp_dir(st.step)
             with st.ema.apply_to(self.model) if st.ema is not None else nullcontext():
                 self.export_fn(self.model, tmp)
-            opt_t, opt_meta = optimizer_state_to_tensors(st.optimizer.state_dict())
-            state = TrainingState(
-                step=st.step, epoch=st.epoch, position=st.position, samples_seen=st.samples_seen,
-                world_size=self.world, scheduler=plain_numbers(st.scheduler.state_dict()),
-                ema_updates=st.ema.num_updates if st.ema is not None else 0,
-                elapsed_s=st.elapsed_before + (time.perf_counter() - self.session.t_start),
-                extra={"sampler": st.sampler.state_dict(st.epoch, st.position * self.cfg.batch_size * self.world),
-                       "train_time_s": self._train_time(),
-                       "guard": {"lr_scale": schedule_of(st.scheduler).scale, "rollbacks": st.rollbacks,
-                                 "skipped_steps": int(st.skip_count.item()), "skip_streak": int(st.skip_streak.item())}},
-            )
-            write_training_state(tmp / STATE_DIR, state, {n: p for n, p in self._trainable().items()}, opt_t, opt_meta,
-                                 st.ema.state_dict() if st.ema is not None else None)
+            save_train_state(tmp / STATE_DIR, st, self._trainable(), world=self.world,
+                             micro_batch=self.cfg.batch_size * self.world, session_start=self.session.t_start,
+                             train_time=self._train_time)
         acc.wait_for_everyone()
         save_rng(tmp / STATE_DIR, self.rank)
         acc.wait_for_everyone()
         final = self.manager.dir / f"step_{st.step:06d}"
         if self.is_main:
             self.manager.commit(st.step, tmp)
-            self._plot()
-            self._plotted_at = st.step
+            self.metrics.plot()
+            self.metrics.plotted_at = st.step
         acc.wait_for_everyone()
         if os.environ.get(KILL_ENV) == str(st.step):
             os.kill(os.getpid(), signal.SIGKILL)
         return final
 
     # -- one optimizer step ---------------------------------------------------------------------------------------
-    def _check_cuda_graph(self, dev: torch.device) -> None:
-        cfg = self.cfg
-        if dev.type != "cuda":
-            raise ValueError(f"train.cuda_graph: needs a CUDA device; this run is on {dev.type}")
-        if self.world != 1:
-            raise ValueError(f"train.cuda_graph: one process only (DDP communicates outside the graph); this run has {self.world}")
-        if cfg.grad_accum != 1:
-            raise ValueError(f"train.cuda_graph: needs train.grad_accum=1, got {cfg.grad_accum}")
-        if not (hasattr(self.model, "prepare_train_inputs") and hasattr(self.model, "loss_from_inputs")):
-            raise ValueError(f"train.cuda_graph: {type(self.model).__name__} has no prepare_train_inputs/loss_from_inputs")
-
     def _micro_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Forward and backward of one micro-batch, and clipping + the optimizer step when the accumulation window
         closes; returns the detached loss, and the gradient norm and skip flag (1.0: a loss of the window or the
@@ -489,52 +386,14 @@ class Trainer:
 
     # -- metrics --------------------------------------------------------------------------------------------------
     def _record(self, rec: dict[str, Any]) -> None:
-        if self.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if getattr(self, "trackers", None) is not None:
-                self.trackers.log_record(rec)
+        self.metrics.record(rec)
 
-    def _truncate_metrics(self, step: int) -> None:
-        from chunkpolicy.training.plots import read_metrics
-
-        if self.is_main and self.metrics_path.exists():
-            keep = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
-            with atomic_file(self.metrics_path) as tmp:
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
-    def _plot(self) -> Path | None:
-        from chunkpolicy.training.plots import plot_losses
-
-        try:
-            return plot_losses(self.metrics_path, self.run_dir / "loss.png", title=self.run_dir.name)
-        except Exception as e:  # a plot never stops training
-            print(f"warning: could not write loss.png: {e}")
-            return None
-
-    @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean validation loss over the fixed held-out batches, EMA weights, fixed noise seed."""
         st = self.state
         if st.val_loader is None:
             return None
-        m, dev = self.model, self.acc.device
-        was = m.training
-        m.eval()
-        total = torch.zeros((), device=dev, dtype=torch.float64)
-        count = torch.zeros((), device=dev, dtype=torch.float64)
-        fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-        with st.ema.apply_to(m) if st.ema is not None else nullcontext(), torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(self.cfg.seed + 7919 + self.rank)
-            for batch in st.val_loader:
-                with self.acc.autocast():
-                    loss = m.compute_loss(to_device(batch, dev))["loss"].double()
-                n = len(batch["prompt"]) if "prompt" in batch else next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
-                total += loss * n
-                count += n
-        m.train(was)
-        total, count = self.acc.reduce(total, "sum"), self.acc.reduce(count, "sum")
-        return float(total / count)
+        return validation_loss(self.model, st.val_loader, st.ema, self.acc, seed=self.cfg.seed + 7919 + self.rank)
 
     # -- cadence: logging, validation, checkpoints ----------------------------------------------------------------
     def _due(self, every: int) -> bool:
@@ -567,10 +426,7 @@ class Trainer:
             rec.update(skipped=int(skipped_total - s.skips_at_log), skipped_total=int(skipped_total),
                        skip_streak=int(streak))
         self._record(rec)
-        bad_steps = [n for n, _ in self._recent_batches if n > s.step_log and flags[n % self.cfg.log_every] > 0]
-        for n in bad_steps[: max(0, self.cfg.probe_nonfinite - self._probes_done)]:
-            self._timed(lambda n=n: self._probe(n, "nonfinite"))
-        self._recent_batches.clear()
+        self._probe_skipped(flags, since=s.step_log)
         s.pbar.set_postfix(loss=f"{s.last_train:.4f}", lr=f"{s.lr:.2e}", sps=f"{rate:.1f}", refresh=False)
         if skipped_total > s.skips_at_log and self.is_main:
             s.pbar.write(f"step {st.step}: {int(skipped_total - s.skips_at_log)} step(s) skipped since the last record "
@@ -584,43 +440,6 @@ class Trainer:
                           f"(train.max_bad_steps={self.cfg.max_bad_steps})")
             return True
         return False
-
-    def _probe(self, step: int, kind: str) -> None:
-        """Replay step ``step``'s batch eagerly with :func:`~chunkpolicy.training.diagnostics.probe_step`; writes
-        ``nonfinite/step_XXXXXX[_rankR].json`` (+ the batch as ``.pt`` for a skipped step) and a ``kind`` record
-        (``nonfinite``: a step the guard skipped; ``probe``: the periodic trend probe)."""
-        found = [b for n, b in self._recent_batches if n == step]
-        if not found:
-            return
-        cfg = self.cfg
-        seeds = [cfg.seed * 1000 + step * 10 + i for i in range(cfg.probe_repeats)]
-        try:
-            rep = probe_step(self.model, found[0][0], seeds=seeds, autocast=cfg.mixed_precision == "bf16",
-                             device=self.state.device)
-        except Exception as e:  # a diagnostic never stops training; say why it could not run
-            rep = {"error": f"{type(e).__name__}: {e}"}
-        tag = f"step_{step:06d}" + (f"_rank{self.rank}" if self.world > 1 else "")
-        out_dir = self.run_dir / ("nonfinite" if kind == "nonfinite" else "probes")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(out_dir / f"{tag}.json") as tmp:
-            tmp.write_text(json.dumps({"step": step, "kind": kind, **rep}, indent=1, default=str))
-        if kind == "nonfinite":
-            self._probes_done += 1
-            with atomic_file(out_dir / f"{tag}_batch.pt") as tmp:  # clones: a collated batch is views of one block
-                torch.save([{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in mb.items()} for mb in found[0]], tmp)
-        reps = rep.get("repeats", [])
-        first = next((r["first_nonfinite_forward"] for r in reps if r.get("first_nonfinite_forward")), None)
-        bwd = next((r["backward_error"] for r in reps if r.get("backward_error")), None)
-        logits = [r["attention_logit_absmax"] for r in reps if r.get("attention_logit_absmax") is not None]
-        rec = {"kind": kind, "step": step, "report": str(out_dir / f"{tag}.json"), "error": rep.get("error"),
-               "reproduced": rep.get("reproduced"), "repeats": len(reps),
-               "losses": [r["loss"] for r in reps], "attention_logit_absmax": max(logits, default=None),
-               "first_nonfinite_forward": first and f"{first['call']} at {first['site']}", "backward_error": bwd}
-        self._record({k: v for k, v in rec.items() if v is not None})
-        if kind == "nonfinite" and self.is_main:
-            where = rec.get("first_nonfinite_forward") or bwd or "not reproduced in an eager replay"
-            self.session.pbar.write(f"step {step}: non-finite probe ({rec['reproduced']}/{len(reps)} replays non-finite): "
-                                    f"{where}; report {rec['report']}")
 
     def _timed(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, its time counted as overhead (not against samples/s)."""
@@ -640,85 +459,15 @@ class Trainer:
             if self.is_main and self.cfg.progress:
                 s.pbar.write(f"step {self.state.step}: val loss {s.last_val:.4f}")
 
-    def _weights_finite(self) -> bool:
-        params = [p.detach() for p in self.state.trainable]
-        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
-
     def _checkpoint(self) -> bool:
         """Save a checkpoint, from finite weights only (else the guard rolls back); True when it rolled back."""
-        if not self._weights_finite():
+        if not weights_finite(self.state.trainable):
             self._recover("the weights are not finite")
             return True
         self.session.last_ckpt = self._timed(self.save_checkpoint)
         return False
 
-    # -- non-finite guard, time budget ----------------------------------------------------------------------------
-    def _recover(self, reason: str) -> None:
-        """Roll back to the latest checkpoint with a lower learning rate, or stop (see the module docstring)."""
-        st, s, cfg = self.state, self.session, self.cfg
-        st.rollbacks += 1
-        if st.rollbacks > cfg.max_rollbacks:
-            latest = self.manager.latest()
-            if latest is None and self._weights_finite():  # skipped steps left the last good step's weights
-                s.last_ckpt = self._timed(self.save_checkpoint)
-                latest = s.last_ckpt
-            st.rollbacks -= 1  # the rollbacks done
-            s.stopped = "non_finite"
-            s.message = (f"step {st.step}: {reason}; stopping after {cfg.max_rollbacks} rollback(s) "
-                         f"(train.max_rollbacks). Last good weights: {latest or 'none (no checkpoint was written)'}")
-            self._record({"kind": "stop", "step": st.step, "reason": reason, "rollbacks": st.rollbacks})
-            if self.is_main:
-                print(f"non-finite guard: {s.message}")
-            return
-        self._timed(lambda: self._rollback(reason))
-
-    def _rollback(self, reason: str) -> None:
-        st, cfg = self.state, self.cfg
-        scale = schedule_of(st.scheduler).scale * cfg.rollback_lr_factor
-        rollbacks, skipped, at = st.rollbacks, st.skip_count.clone(), st.step
-        ckpt = self._last_good_checkpoint()
-        if ckpt is not None:
-            self._batches.close()  # its loader (and workers) read the old data position
-            self._load(st, ckpt)
-            if st.graphed:  # new optimizer state tensors: capture a new graph on the next batch
-                tensor_lrs(st.optimizer, st.device)
-                st.graph = None
-            self._batches = self._train_batches()
-        st.rollbacks, schedule_of(st.scheduler).scale = rollbacks, scale
-        st.skip_count.copy_(skipped)
-        st.skip_streak.zero_()
-        s = self.session
-        s.skips_at_log = float(skipped)
-        s.loss_sum.zero_()
-        s.n_good.zero_()
-        s.n_loss, s.step_log, s.t_log = 0, st.step, time.perf_counter()
-        s.pbar.n = st.step
-        self._set_lrs()
-        target = f"checkpoint {ckpt.name}" if ckpt is not None else "the current (last good) weights, no checkpoint yet"
-        self._record({"kind": "rollback", "step": st.step, "from_step": at, "to": str(ckpt) if ckpt else None,
-                      "reason": reason, "lr_scale": scale, "rollbacks": rollbacks})
-        if self.is_main:
-            print(f"non-finite guard: step {at}: {reason}; rolled back to {target} (step {st.step}), learning rate "
-                  f"× {scale:g} (rollback {rollbacks} of at most {cfg.max_rollbacks})")
-
-    def _last_good_checkpoint(self) -> Path | None:
-        """The newest checkpoint written outside a streak of skipped steps (else the newest one)."""
-        cks = [p for _, p in self.manager.checkpoints()]
-        for p in reversed(cks):
-            try:
-                state = json.loads((p / STATE_DIR / "state.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if int(state.get("extra", {}).get("guard", {}).get("skip_streak", 0)) == 0:
-                return p
-        return cks[-1] if cks else None
-
-    def _set_lrs(self) -> None:
-        """Each group's lr from the schedule at its current step (after a load or a change of scale)."""
-        sch = self.state.scheduler
-        for g, base, fn in zip(self.state.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
-            set_lr(g, base * fn(sch.last_epoch))
-
+    # -- time budget ------------------------------------------------------------------------------------------
     def _budget_s(self) -> float | None:
         m = getattr(self.cfg, "max_minutes", None)
         return None if m is None else 60.0 * float(m)
@@ -729,25 +478,6 @@ class Trainer:
         before = st.train_time_before if st is not None else 0.0
         return before if s is None else before + (time.perf_counter() - s.t_start - s.overhead)
 
-    def _precision(self) -> str:
-        return {"fp32": "fp32", "bf16": "bf16 (fast path)"}[getattr(self.cfg, "precision", "fp32")]
-
-    def _apply_precision(self) -> None:
-        """``train.precision``: fp32 weights (cast if the model came in another dtype), or bf16 weights (opt-in)."""
-        mode = getattr(self.cfg, "precision", "fp32")
-        if mode not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision: expected fp32 or bf16, got {mode!r}")
-        want = torch.float32 if mode == "fp32" else torch.bfloat16
-        params = [p for p in self.model.parameters() if p.is_floating_point() and p.dtype != want]
-        if not params:
-            return
-        if self.is_main:
-            print(f"train.precision={mode}: casting {sum(p.numel() for p in params):,} parameters "
-                  f"from {params[0].dtype} to {want}")
-        with torch.no_grad():
-            for p in params:  # parameters only: buffers (normalization stats, ...) keep their dtype
-                p.data = p.data.to(want)
-
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -757,7 +487,7 @@ class Trainer:
         self._prepare_run_dir()
         st = self.state = self.build_state()
         from chunkpolicy.training.trackers import Trackers  # train.log_with: TensorBoard / wandb (offline)
-        self.trackers = Trackers(getattr(cfg, "log_with", None), self.run_dir, self.config_dict, is_main=self.is_main)
+        self.metrics.trackers = Trackers(getattr(cfg, "log_with", None), self.run_dir, self.config_dict, is_main=self.is_main)
         self._batches = self._train_batches()
         dev, now = st.device, time.perf_counter()
         self.session = s = _Session(
@@ -805,14 +535,14 @@ class Trainer:
             if out_of_time:
                 s.stopped, s.message = "max_minutes", f"time budget train.max_minutes={cfg.max_minutes} reached"
                 if self.is_main:
-                    s.pbar.write(f"step {st.step}: {s.message} ({_fmt_time(self._train_time())} of training)")
+                    s.pbar.write(f"step {st.step}: {s.message} ({fmt_time(self._train_time())} of training)")
                 break
             if stopping:
                 s.stopped = "stop_after"
                 break
         s.pbar.close()
         summary = self._finish()
-        self.trackers.finish()
+        self.metrics.trackers.finish()
         if s.stopped == "non_finite":
             raise TrainingDiverged(s.message)
         return summary
@@ -822,110 +552,19 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.manager.cleanup_temp()
             if self.config_dict is not None:
-                self._write_config()
+                write_run_config(self.run_dir, self.config_dict, self.resume)
         self.acc.wait_for_everyone()
 
     def _finish(self) -> dict[str, Any]:
         """``summary.json``, the final loss plot and the printed summary."""
         st, s = self.state, self.session
-        t_end_loop = time.perf_counter()
-        wall = t_end_loop - s.t_start
-        skipped = int(st.skip_count.item())
-        summary = {
-            "run_dir": str(self.run_dir), "steps": st.step, "steps_this_session": st.step - s.start_step,
-            "time_s": wall, "total_time_s": st.elapsed_before + wall, "final_train_loss": s.last_train,
-            "final_val_loss": s.last_val,
-            "samples_per_s": (st.step - s.start_step) * self.global_batch / max(wall - s.overhead, 1e-9),
-            "val_ckpt_time_s": s.overhead,
-            "global_batch": self.global_batch, "processes": self.world, "device": st.device.type,
-            "trainable_params": st.n_trainable, "params": st.n_params,
-            "checkpoint": str(s.last_ckpt or self.manager.latest() or ""), "loss_png": str(self.run_dir / "loss.png"),
-            "stopped": s.stopped, "stop_message": s.message, "train_time_s": self._train_time(),
-            "max_minutes": getattr(self.cfg, "max_minutes", None), "precision": getattr(self.cfg, "precision", "fp32"),
-            "skipped_steps": skipped, "rollbacks": st.rollbacks, "lr_scale": schedule_of(st.scheduler).scale,
-            "startup": self._startup_breakdown(),
-        }
+        summary = run_summary(st, s, self.cfg, run_dir=self.run_dir, global_batch=self.global_batch, world=self.world,
+                              checkpoint=s.last_ckpt or self.manager.latest(), train_time=self._train_time(),
+                              startup=startup_breakdown(self._startup, self.t_created, s.t_start, s.t_first_step))
         if self.is_main:
-            if getattr(self, "_plotted_at", None) != st.step:  # the final checkpoint has just drawn it
-                self._plot()
+            if self.metrics.plotted_at != st.step:  # the final checkpoint has just drawn it
+                self.metrics.plot()
             summary["startup"]["shutdown_s"] = (time.perf_counter() - s.t_last_step) if s.t_last_step else None
-            with atomic_file(self.run_dir / "summary.json") as tmp:
-                tmp.write_text(json.dumps(summary, indent=2))
-            print_summary(summary)
+            write_summary(summary, self.run_dir)
         self.acc.wait_for_everyone()
         return summary
-
-    def _startup_breakdown(self) -> dict[str, float | None]:
-        """Seconds outside the training loop: before :meth:`fit` (process start → Trainer built: imports, data
-        stores, stats, model), :meth:`build_state` (placement, optimizer, resume), the first step (DataLoader workers
-        start, first batch, compilation / graph capture). ``shutdown_s`` (last step → summary: final record,
-        validation, checkpoint, plot) is added by :meth:`_finish`."""
-        s = self.session
-        out: dict[str, float | None] = dict(getattr(self, "_startup", {}))
-        try:
-            import psutil
-
-            out["process_to_trainer_s"] = time.time() - psutil.Process().create_time() - (time.perf_counter() - self.t_created)
-        except Exception:  # noqa: BLE001 - optional
-            out["process_to_trainer_s"] = None
-        out["first_step_s"] = (s.t_first_step - s.t_start) if s.t_first_step else None
-        return out
-
-    def _write_config(self) -> None:
-        import yaml
-
-        path = self.run_dir / "config.yaml"
-        new = yaml.safe_dump(self.config_dict, sort_keys=False)
-        if path.exists() and self.resume:
-            old = yaml.safe_load(path.read_text()) or {}
-            diffs = _diff(old, self.config_dict)
-            if diffs:
-                print("warning: config differs from the run's saved config.yaml: " + ", ".join(diffs[:10]))
-        path.write_text(new)
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
-
-
-def print_summary(s: Mapping[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="training summary", show_header=False)
-    val = s.get("final_val_loss")
-    rows = [
-        ("steps", f"{s['steps']} ({s['steps_this_session']} this session)"),
-        ("time", f"{_fmt_time(s['time_s'])} this session, {_fmt_time(s['total_time_s'])} total"),
-        ("final train loss", f"{s['final_train_loss']:.5f}"),
-        ("final val loss", "n/a (no held-out episodes)" if val is None else f"{val:.5f}"),
-        ("throughput", f"{s['samples_per_s']:.1f} samples/s while training (global batch {s['global_batch']}, "
-                       f"{s['processes']} × {s['device']}); {s['val_ckpt_time_s']:.1f}s in validation + checkpoints"),
-        ("parameters", f"{s['trainable_params']:,} trained of {s['params']:,}"
-                       + (f" (weights and moments {s['precision']})" if "precision" in s else "")),
-        ("checkpoint", s["checkpoint"]),
-        ("loss curve", s["loss_png"]),
-    ]
-    if "stopped" in s:
-        why = {"steps": "train.steps reached", "stop_after": "stop_after (session end)",
-               "max_minutes": f"time budget of {s.get('max_minutes')} min reached "
-                              f"({_fmt_time(s['train_time_s'])} of training)",
-               "non_finite": "non-finite guard gave up"}.get(s["stopped"], s["stopped"])
-        rows.insert(1, ("stopped", why + (f": {s['stop_message']}" if s.get("stop_message") and s["stopped"] == "non_finite" else "")))
-        rows.insert(2, ("non-finite guard", f"{s['skipped_steps']} step(s) skipped, {s['rollbacks']} rollback(s), "
-                                            f"learning rate × {s['lr_scale']:g}"))
-    st = s.get("startup") or {}
-    if st:
-        parts = [(k, st.get(k)) for k in ("process_to_trainer_s", "build_s", "first_step_s", "shutdown_s")]
-        names = {"process_to_trainer_s": "process start → trainer (imports, data, stats, model)",
-                 "build_s": "build state", "first_step_s": "first step (loader start, first batch, capture)",
-                 "shutdown_s": "last step → end (final record, validation, checkpoint, plot)"}
-        rows.append(("outside the loop", "; ".join(f"{names[k]} {v:.1f}s" for k, v in parts if v is not None)))
-    for k, v in rows:
-        t.add_row(k, v)
-    Console().print(t)
