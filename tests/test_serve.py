@@ -166,6 +166,21 @@ def test_malformed_request_is_answered_and_the_server_keeps_serving(server, name
     assert client.infer(wire_obs(4))["actions"].shape == (H, 3)  # the same connection still works
 
 
+def test_request_while_stopping_is_refused_then_closed_going_away(policy):
+    """A request that arrives once the graceful stop has begun gets a reply saying so, then the 1001 close (a handler
+    that just returned would have closed with 1000 "normal"; seen as a flaky SIGTERM test in CI)."""
+    with PolicyServer(PolicyService(policy), port=0) as srv:
+        with connect(f"ws://127.0.0.1:{srv.port}", max_size=None) as ws:
+            ws.recv()  # metadata
+            srv._draining = True  # the state _drain() sets first (white-box: the stop itself would race this client)
+            ws.send(msgpack_numpy.packb(wire_obs(0)))
+            assert ws.recv() == "server: shutting down, request not served"
+            with pytest.raises(websockets.ConnectionClosed) as e:
+                ws.recv()
+            assert e.value.rcvd.code == 1001
+        srv._draining = False
+
+
 def test_malformed_frames(server, policy):
     """Frames openpi's client cannot even produce: not msgpack, a text frame, lying arrays, over the size limit."""
     with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:

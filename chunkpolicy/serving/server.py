@@ -504,6 +504,8 @@ class PolicyServer:
                 t0 = time.perf_counter()
                 if self._draining:
                     await ws.send("server: shutting down, request not served")
+                    # say "going away" ourselves: a handler that just returns would close with 1000 (normal)
+                    await ws.close(1001, "server shutting down")
                     break
                 reply = await self._answer(ws, msg, t0, prev_total)
                 if reply is None:  # the client went away mid-request
