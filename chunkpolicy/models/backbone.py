@@ -16,7 +16,6 @@ inference snapshots (``fused_layers`` / ``fused_vision_layers``): :mod:`chunkpol
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.models.paligemma.modeling_paligemma import PaliGemmaModel
 
+from chunkpolicy.atomic import read_json
 from chunkpolicy.models.attention import attend, attend_few, finish, qkv
 from chunkpolicy.models.backbone_config import BackboneConfig
 from chunkpolicy.models.fused import FusedLayer, FusedVisionLayer
@@ -220,12 +220,7 @@ class Backbone(nn.Module):
 
         path = Path(path)
         cj = path / "config.json"
-        if not cj.is_file():
-            raise FileNotFoundError(f"{cj}: missing (expected a PaliGemma save_pretrained / hub directory)")
-        try:
-            raw = json.loads(cj.read_text())
-        except ValueError as e:
-            raise ValueError(f"{cj}: unreadable JSON ({e})") from None
+        raw = read_json(cj)  # missing / corrupt: one error naming the file
         if raw.get("model_type") != "paligemma":
             raise ValueError(f"{cj}: model_type is {raw.get('model_type')!r}, expected 'paligemma'")
         hf = PaliGemmaConfig.from_pretrained(str(path), local_files_only=True)

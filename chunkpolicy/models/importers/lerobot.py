@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from chunkpolicy.atomic import read_json
 from chunkpolicy.models.backbone_config import PRESETS, BackboneConfig
 from chunkpolicy.models.importers.report import ImportReport
 
@@ -54,12 +55,7 @@ STAT_KEYS = ("mean", "std", "min", "max", "q01", "q99")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (expected in a LeRobot policy directory written by save_pretrained)")
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
+    doc = read_json(path)  # missing / corrupt: one error naming the file
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return doc

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from chunkpolicy.atomic import read_json
 from chunkpolicy.models.importers.report import ImportReport
 
 
@@ -23,7 +24,6 @@ def import_siglip(src: str | os.PathLike, out: str | os.PathLike | None, *, head
     """Build a ``siglip``-backbone policy on the SigLIP vision weights in ``src`` and save it at ``out`` (None: build
     only). ``tokenizer``: a local directory or object (default: the built-in character tokenizer, which the light
     text embedding is sized for); the embedding gets ``max(1280, len(tokenizer))`` rows."""
-    import json
 
     import torch
     from transformers import SiglipModel, SiglipVisionModel
@@ -39,12 +39,7 @@ def import_siglip(src: str | os.PathLike, out: str | os.PathLike | None, *, head
     src = Path(src)
     report = ImportReport(src=src, out=Path(out) if out is not None else None, fmt="siglip")
     cj = src / "config.json"
-    if not cj.is_file():
-        raise FileNotFoundError(f"{cj}: missing (expected a transformers SigLIP directory)")
-    try:
-        mtype = json.loads(cj.read_text()).get("model_type")
-    except ValueError as e:
-        raise ValueError(f"{cj}: unreadable JSON ({e})") from None
+    mtype = read_json(cj).get("model_type")  # missing / corrupt: one error naming the file
     if mtype == "siglip":
         vcfg = SiglipConfig.from_pretrained(str(src), local_files_only=True).vision_config
         vision = SiglipModel.from_pretrained(str(src), local_files_only=True).vision_model
