@@ -47,6 +47,7 @@ def _drive(uri: str, n_clients: int, n_requests: int, warmup: int, n_cam: int, s
                 c.request(obs[k % 8])
         lat: list[list[float]] = [[] for _ in clients]
         batch: list[list[int]] = [[] for _ in clients]
+        server: list[list[tuple[float, float, float]]] = [[] for _ in clients]  # server total, infer, queue (s)
         start = threading.Barrier(n_clients + 1)
 
         def run(j: int) -> None:
@@ -55,6 +56,7 @@ def _drive(uri: str, n_clients: int, n_requests: int, warmup: int, n_cam: int, s
                 r = clients[j].request(obs[(j + k) % 8])
                 lat[j].append(r.latency_s)
                 batch[j].append(int(r.server_timing.get("batch_size", 1)))
+                server[j].append(tuple(r.server_timing.get(k, float("nan")) / 1000 for k in ("total_ms", "infer_ms", "queue_ms")))
 
         threads = [threading.Thread(target=run, args=(j,)) for j in range(n_clients)]
         for t in threads:
@@ -67,6 +69,7 @@ def _drive(uri: str, n_clients: int, n_requests: int, warmup: int, n_cam: int, s
         for c in clients:
             c.close()
         out.put({"latency_s": [x for xs in lat for x in xs], "batch": [x for xs in batch for x in xs], "wall_s": wall,
+                 "server_s": [x for xs in server for x in xs],
                  "torch_imported": "torch" in sys.modules})
     except BaseException as e:  # noqa: BLE001 - reported by the parent
         out.put({"error": f"{type(e).__name__}: {e}"})
@@ -146,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with PolicyServer(service, port=0, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms) as srv:
         ctx = mp.get_context("spawn")
-        print("| clients | round trip p50 ms | p99 ms | served − in-process p50 ms | throughput chunks/s | mean batch |")
-        print("|---|---|---|---|---|---|")
+        print("| clients | round trip p50 ms | p99 ms | served − in-process p50 ms | throughput chunks/s | mean batch | "
+              "server decode + packing p50 ms | queue p50 ms | transport p50 ms |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for n in [int(x) for x in a.clients.split(",")]:
             q = ctx.Queue()
             proc = ctx.Process(target=_drive, args=(srv.uri, n, a.requests, a.warmup, a.cameras, a.image_size, q))
@@ -161,9 +165,19 @@ def main(argv: list[str] | None = None) -> int:
                    "throughput_per_s": len(res["latency_s"]) / res["wall_s"], "mean_batch": float(np.mean(res["batch"])),
                    "client_imported_torch": res["torch_imported"]}
             row["overhead_p50_ms"] = row["p50_ms"] - inproc["p50_ms"]
+            # where a round trip goes, per request: server total = receive → reply packed (decode, queue, inference,
+            # packing); transport = the rest (client packing and unpacking, both sends, both event loops)
+            srv = np.asarray(res["server_s"], dtype=float)
+            lat = np.asarray(res["latency_s"], dtype=float)
+            row["server_total_p50_ms"] = _pct(list(srv[:, 0]), 50)
+            row["server_infer_p50_ms"] = _pct(list(srv[:, 1]), 50)
+            row["server_queue_p50_ms"] = _pct(list(srv[:, 2]), 50)
+            row["server_other_p50_ms"] = _pct(list(srv[:, 0] - srv[:, 1] - srv[:, 2]), 50)
+            row["transport_p50_ms"] = _pct(list(lat - srv[:, 0]), 50)
             rows.append(row)
             print(f"| {n} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['overhead_p50_ms']:+.2f} | "
-                  f"{row['throughput_per_s']:.1f} | {row['mean_batch']:.2f} |", flush=True)
+                  f"{row['throughput_per_s']:.1f} | {row['mean_batch']:.2f} | {row['server_other_p50_ms']:.2f} | "
+                  f"{row['server_queue_p50_ms']:.2f} | {row['transport_p50_ms']:.2f} |", flush=True)
     if a.out:
         info = {"preset": preset, "device": dev, "gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else None,
                 "cuda_graph": graph, "compile": a.compile, "dtype": str(dtype), "horizon": a.horizon, "cameras": a.cameras,

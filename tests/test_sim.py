@@ -195,10 +195,9 @@ def test_obs_to_batch_schema():
     obs = [_fake_obs(spec, seed=i) for i in range(3)]
     del obs[1]["images"]["gripperPOV"]  # a missing camera: zeros + mask False
     b = obs_to_batch(obs, space, spec, "push the puck to the goal")
-    assert b[K.IMAGES].shape == (3, 2, 1, 3, 8, 10) and b[K.IMAGES].dtype == torch.float32
-    assert 0.0 <= b[K.IMAGES].min() and b[K.IMAGES].max() <= 1.0
-    np.testing.assert_allclose(b[K.IMAGES][0, 0, 0].numpy(), obs[0]["images"]["corner"].transpose(2, 0, 1) / 255.0,
-                               rtol=0, atol=1e-6)
+    # uint8 frames, as the training data path delivers them: the backbone scales both the same way
+    assert b[K.IMAGES].shape == (3, 2, 1, 3, 8, 10) and b[K.IMAGES].dtype == torch.uint8
+    np.testing.assert_array_equal(b[K.IMAGES][0, 0, 0].numpy(), obs[0]["images"]["corner"].transpose(2, 0, 1))
     assert b[K.IMAGE_MASK].tolist() == [[True, True], [True, False], [True, True]]
     assert (b[K.IMAGES][1, 1] == 0).all()
     assert b[K.STATE].shape == (3, 1, 32) and b[K.STATE].dtype == torch.float32

@@ -114,6 +114,7 @@ class PolicyService:
         self.policy = policy.eval()
         self.space = policy.space
         self._check_prompts = check_prompts
+        self._prompts_ok: dict[str, None] = {}  # prompts that fit: a control loop repeats one, tokenizing it each time costs
         names = [e.name for e in self.space.embodiments]
         if embodiment is not None and embodiment not in names:
             raise ValueError(f"embodiment: {embodiment!r} is not one of the checkpoint's embodiments {names}")
@@ -226,7 +227,7 @@ class PolicyService:
         noise = self._noise(m)
         prefix, d = self._rtc_fields(m, spec)
 
-        # the conversion closed-loop evaluation uses (float32 [0, 1] images), one call per observation frame
+        # the conversion closed-loop evaluation uses (uint8 frames, as in training), one call per observation frame
         from chunkpolicy.sim.base import obs_to_batch
 
         parts = [obs_to_batch([{"images": {c: f[t] for c, f in frames.items()}, "state": st[t]}], self.space, spec, [prompt])
@@ -239,10 +240,16 @@ class PolicyService:
 
     def check_prompt(self, req: Request) -> None:
         """Raise ``ValueError`` naming the prompt field if the request's prompt does not fit the policy's tokens."""
+        prompts = [p for p in req.batch["prompt"] if p not in self._prompts_ok]
+        if not prompts:
+            return
         try:
-            self._check_prompts(self.policy.tokenizer, list(req.batch["prompt"]), self.policy.config.max_prompt_tokens)
+            self._check_prompts(self.policy.tokenizer, prompts, self.policy.config.max_prompt_tokens)
         except ValueError as err:
             raise ValueError(f"{req.prompt_key}: {err}") from None
+        if len(self._prompts_ok) >= 1024:  # bounded: many distinct prompts only cost the check again
+            self._prompts_ok.pop(next(iter(self._prompts_ok)))
+        self._prompts_ok.update(dict.fromkeys(prompts))
 
     def _noise(self, m: Mapping[str, Any]) -> torch.Tensor:
         if P.NOISE in m and P.SEED in m:

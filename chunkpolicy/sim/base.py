@@ -177,10 +177,11 @@ def obs_to_batch(
 ) -> dict[str, Any]:
     """Turn B env observations of one embodiment into the batch schema (CONTRIBUTING.md), with ``T_obs = 1``.
 
-    Returns ``images`` float32 ``[B, N, 1, 3, h, w]`` in [0, 1] (cameras in ``spec.cameras`` order; a camera missing
-    from an observation is zeros with ``image_mask`` False), ``image_mask`` bool ``[B, N]``, ``state`` float32
-    ``[B, 1, D]`` (``space.pad``; robot units), ``state_mask`` bool ``[B, D]``, ``prompt`` list of B strings,
-    ``embodiment`` int64 ``[B]`` and ``control_hz`` float32 ``[B]``. ``spec`` must be registered in ``space``.
+    Returns ``images`` uint8 ``[B, N, 1, 3, h, w]`` (cameras in ``spec.cameras`` order; a camera missing from an
+    observation is zeros with ``image_mask`` False): the dtype the training data path delivers, so the backbone scales
+    frames to [0, 1] the same way in training, evaluation and serving, and a quarter of the bytes go to the device;
+    ``image_mask`` bool ``[B, N]``, ``state`` float32 ``[B, 1, D]`` (``space.pad``; robot units), ``state_mask`` bool
+    ``[B, D]``, ``prompt`` list of B strings, ``embodiment`` int64 ``[B]`` and ``control_hz`` float32 ``[B]``. ``spec`` must be registered in ``space``.
     """
     if not observations:
         raise ValueError("observations: expected at least one observation")
@@ -196,7 +197,7 @@ def obs_to_batch(
         raise ValueError(f"images: every camera must have the same size to be batched, got sizes {sorted(shapes)}")
     h, w = shapes.pop() if shapes else (1, 1)
     N = len(spec.cameras)
-    images = np.zeros((B, N, 1, 3, h, w), dtype=np.float32)
+    images = np.zeros((B, N, 1, 3, h, w), dtype=np.uint8)
     mask = np.zeros((B, N), dtype=bool)
     states = np.zeros((B, spec.state_dim), dtype=np.float32)
     for b, o in enumerate(observations):
@@ -209,7 +210,7 @@ def obs_to_batch(
                 continue
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise ValueError(f"images[{cam!r}]: expected uint8 [h, w, 3], got {img.dtype} {img.shape}")
-            images[b, n, 0] = img.transpose(2, 0, 1) * np.float32(1 / 255)
+            images[b, n, 0] = img.transpose(2, 0, 1)
             mask[b, n] = True
         st = np.asarray(o["state"], dtype=np.float32)
         if st.shape != (spec.state_dim,):
