@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     from chunkpolicy.models.policy import ChunkPolicy, PolicyConfig
     from chunkpolicy.normalize import compute_stats
     from chunkpolicy.serving import protocol as P
-    from chunkpolicy.serving.server import PolicyServer, PolicyService
+    from chunkpolicy.serving.server import PolicyServer
+    from chunkpolicy.serving.service import PolicyService
     from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
 
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,8 @@ import websockets
 
 from chunkpolicy.models.policy import ChunkPolicy
 from chunkpolicy.serving import protocol as P
-from chunkpolicy.serving.server import PolicyServer, PolicyService, resize_frames, seeded_noise
+from chunkpolicy.serving.server import PolicyServer
+from chunkpolicy.serving.service import PolicyService, resize_frames, seeded_noise
 from chunkpolicy.sim.base import obs_to_batch
 from helpers import toy_policy
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from chunkpolicy.models.policy import ChunkPolicy
-from chunkpolicy.serving.server import PolicyServer, PolicyService
+from chunkpolicy.serving.server import PolicyServer
+from chunkpolicy.serving.service import PolicyService
 from helpers import toy_policy
 
 # openpi-client 0.1.2 opens its connection without a context manager, which websockets >= 17.1 deprecates
