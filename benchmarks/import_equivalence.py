@@ -3,7 +3,9 @@
 Builds a full-size LeRobot 0.6.1 ``PI0Policy`` / ``PI05Policy`` with random weights (its own code, its real sizes,
 ``tests/import_fixtures.py`` with ``reduced=False``), saves it with LeRobot's ``save_pretrained``, imports it with
 ``chunkpolicy.models.importers``, and reports max |diff| of the action chunks (robot units, after both sides'
-normalization) in the chosen dtype. The prompt tokenizer is the offline character tokenizer (PaliGemma's is a hub
+normalization): in fp32, and with ``--dtype bfloat16`` also both sides in bf16 (LeRobot with its own mixed-precision
+rules), each bf16 chunk against the fp32 reference: two bf16 implementations can only agree about as well as each
+agrees with fp32. The prompt tokenizer is the offline character tokenizer (PaliGemma's is a hub
 download); its ids are valid PaliGemma ids, so the numbers test the same network. The CPU tests do the same at a
 reduced size in fp32 (``tests/test_import_lerobot.py``, tolerance 1e-4).
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--reduced", action="store_true", help="the tests' reduced-size config (a CPU smoke test of this script)")
     args = p.parse_args(argv)
 
     import import_fixtures as fx
@@ -44,20 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     from chunkpolicy.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    H, B, dt = 50, args.batch, getattr(torch, args.dtype)
-    res = {"kind": args.kind, "device": args.device, "dtype": args.dtype, "batch": B, "horizon": H}
-    with tempfile.TemporaryDirectory() as d:
-        t = time.time()
-        lerobot, pre, post = fx.build_lerobot_policy(args.kind, Path(d) / "src", reduced=False, image=224, horizon=H,
-                                                     tokenizer=tok, prompt_len=48 if args.kind == "pi0" else 200,
-                                                     dtype=args.dtype, device=args.device)
-        res["build_s"] = time.time() - t
-        t = time.time()
-        report, ours = import_checkpoint(Path(d) / "src", Path(d) / "ours", f"lerobot-{args.kind}", tokenizer=tok,
-                                         return_policy=True)
-        res["import_s"] = time.time() - t
-        print(report.summary())
-    ours = ours.to(args.device, dt).eval()
+    H, B = 50, args.batch
+    res: dict = {"kind": args.kind, "device": args.device, "dtype": args.dtype, "batch": B, "horizon": H,
+                 "size": "reduced" if args.reduced else "full"}
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(B, 2, 3, 224, 224, generator=g)
     state = torch.randn(B, 8, generator=g) * 2
@@ -65,14 +57,47 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ["pick up the red cube", "open the drawer"][:B] + ["push"] * max(0, B - 2)
     batch = {"observation.images.top": imgs[:, 0], "observation.images.wrist": imgs[:, 1], "observation.state": state,
              "task": tasks}
-    with torch.no_grad():
-        want = post(lerobot.predict_action_chunk(pre(batch), noise=noise.to(args.device))).float().cpu()
+
+    def lerobot_chunk(dtype: str, d: Path) -> torch.Tensor:
+        """LeRobot's chunk with its policy built for ``dtype`` (its own mixed-precision rules in bf16)."""
+        t = time.time()
+        policy, pre, post = fx.build_lerobot_policy(args.kind, d, reduced=args.reduced, image=224, horizon=H,
+                                                    tokenizer=tok, prompt_len=48 if args.kind == "pi0" else 200,
+                                                    dtype=dtype, device=args.device)
+        res[f"build_{dtype}_s"] = time.time() - t
+        with torch.no_grad():
+            out = post(policy.predict_action_chunk(pre(batch), noise=noise.to(args.device))).float().cpu()
+        del policy
+        return out
+
+    def our_chunk(ours, dt: torch.dtype) -> torch.Tensor:
+        ours = ours.to(args.device, dt).eval()
         obs = {"images": imgs[:, :, None].to(args.device), "image_mask": torch.ones(B, 2, dtype=torch.bool),
                "state": ours.space.pad(state, 0, "state")[:, None].to(args.device), "prompt": tasks,
                "embodiment": torch.zeros(B, dtype=torch.long)}
-        got = ours.predict_chunk(obs, noise=noise.to(args.device, dt)).float().cpu()
-    res["max_abs_diff"] = (got - want).abs().max().item()
-    res["max_abs_action"] = want.abs().max().item()
+        with torch.no_grad():
+            return ours.predict_chunk(obs, noise=noise.to(args.device, dt)).float().cpu()
+
+    diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    with tempfile.TemporaryDirectory() as d:
+        # fp32 first: LeRobot's chunk, then the import of the checkpoint it saved
+        want32 = lerobot_chunk("float32", Path(d) / "src")
+        t = time.time()
+        report, ours = import_checkpoint(Path(d) / "src", Path(d) / "ours", f"lerobot-{args.kind}", tokenizer=tok,
+                                         return_policy=True)
+        res["import_s"] = time.time() - t
+        print(report.summary())
+        got32 = our_chunk(ours, torch.float32)
+        res["max_abs_action"] = want32.abs().max().item()
+        res["fp32"] = {"ours_vs_lerobot": diff(got32, want32)}
+        if args.dtype == "bfloat16":
+            # both sides in bf16 (same seed: the same random weights, rounded), each against the fp32 reference:
+            # two bf16 implementations can only be asked to agree about as well as each agrees with fp32
+            want16 = lerobot_chunk("bfloat16", Path(d) / "src16")
+            got16 = our_chunk(ours, torch.bfloat16)
+            res["bf16"] = {"ours_vs_lerobot": diff(got16, want16), "ours_vs_fp32": diff(got16, want32),
+                           "lerobot_vs_fp32": diff(want16, want32)}
+    res["max_abs_diff"] = res["bf16" if args.dtype == "bfloat16" else "fp32"]["ours_vs_lerobot"]
     res["rel_diff"] = res["max_abs_diff"] / max(res["max_abs_action"], 1e-12)
     print(json.dumps(res, indent=2))
     if args.out:

@@ -137,8 +137,9 @@ class Backbone(nn.Module):
         B, N, T = images.shape[:3]
         dtype = self.state_proj.weight.dtype
         flat = images.reshape(B * N * T, *images.shape[3:])
-        flat = flat.to(dtype) / 255.0 if flat.dtype == torch.uint8 else flat.to(dtype)  # uint8 frames from the data path
-        pix = self.preprocess_images(flat)
+        # scaled and resized in fp32 whatever the model's dtype (uint8 frames from the data path, evaluation, serving)
+        flat = flat.float() / 255.0 if flat.dtype == torch.uint8 else flat.float()
+        pix = self.preprocess_images(flat).to(dtype)
         feats = self.image_features(pix, vision_layers)  # [B*N*T, n_img, W]; masked cameras excluded below
         n_img = feats.shape[1]
         img = feats.reshape(B, N * T * n_img, self.width)

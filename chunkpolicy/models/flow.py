@@ -43,12 +43,15 @@ def euler_integrate(
     ``guidance(velocity, x, tau, t) -> v`` (see :data:`chunkpolicy.models.heads.base.Guidance`) replaces the plain
     velocity at every step; ``mask`` (broadcastable to ``x``, 0/1) is then re-applied to every update, since a
     guidance term may reach dims the velocity never writes. The τ grid is built on the device once, so the loop
-    issues no host syncs.
+    issues no host syncs. ``x`` and ``tau`` reach ``velocity`` in fp32 (a bf16 model casts them itself); the result
+    is fp32.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    x, dt = noise, 1.0 / num_steps
-    taus = torch.arange(num_steps, device=noise.device, dtype=noise.dtype) * dt
+    # the state and the flow time stay fp32 whatever the model's dtype: in bf16 each step would round x (~0.4 %), and
+    # τ itself (0.7 → 0.699), which the time embedding's shortest periods (a few thousandths) turn into noise
+    x, dt = noise.float(), 1.0 / num_steps
+    taus = torch.arange(num_steps, device=noise.device, dtype=torch.float32) * dt
     for i in range(num_steps):
         t = taus[i].expand(noise.shape[0])
         if guidance is None:

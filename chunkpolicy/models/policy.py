@@ -376,7 +376,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             noise = torch.randn(B, self.config.horizon, self.space.dim, generator=generator, device=self.device)
         _check(tuple(noise.shape) == (B, self.config.horizon, self.space.dim),
                f"noise: expected [{B}, {self.config.horizon}, {self.space.dim}], got {tuple(noise.shape)}")
-        return self.infer(inputs, noise.to(self.device, self.backbone.state_proj.weight.dtype), num_steps)
+        return self.infer(inputs, noise.to(self.device, torch.float32), num_steps)  # sampling runs in fp32 (flow.euler_integrate)
 
     def predict_chunk(self, observation: Mapping[str, Any], embodiment: str | None = None, **kw: Any) -> torch.Tensor:
         """Chunk ``[B, H, A]`` in the robot's own action dims and units; the batch must be one embodiment."""

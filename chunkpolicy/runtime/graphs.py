@@ -103,8 +103,7 @@ class CudaGraphPolicy:
         with torch.no_grad(), compiled_methods(policy, self.compiled):
             self.inputs = {k: v.clone() for k, v in policy.prepare_inputs(example).items()}
             B = self.inputs["embodiment"].shape[0]
-            self.noise = torch.randn(B, policy.config.horizon, policy.space.dim, device=policy.device,
-                                     dtype=policy.backbone.state_proj.weight.dtype)
+            self.noise = torch.randn(B, policy.config.horizon, policy.space.dim, device=policy.device)  # fp32, as eager
             self.graph, self.out = capture(
                 lambda: policy.infer(self.inputs, self.noise, num_steps, fused=self.fused, guidance=guidance), warmup)
 

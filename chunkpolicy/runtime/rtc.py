@@ -132,7 +132,7 @@ def rtc_predict_fn(policy: ChunkPolicy, beta: float = 5.0, num_steps: int | None
             graphs["guided"].guidance.set(target, w)
             out = graphs["guided"](obs, noise=noise)
         else:
-            out = policy.infer(inp, noise.to(policy.backbone.state_proj.weight.dtype), steps,
+            out = policy.infer(inp, noise.float(), steps,
                                guidance=RTCGuidance(target, w, beta))
         return policy.space.unpad(out, int(inp["embodiment"][0]), "action")
 

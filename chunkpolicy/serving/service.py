@@ -275,7 +275,7 @@ class PolicyService:
             reqs = list(reqs) + [reqs[0]] * ((1 << (B - 1).bit_length()) - B)
         batch = {k: torch.cat([r.batch[k] for r in reqs]) if isinstance(reqs[0].batch[k], torch.Tensor)
                  else [p for r in reqs for p in r.batch[k]] for k in reqs[0].batch}
-        noise = torch.cat([r.noise for r in reqs]).to(pol.device, pol.backbone.state_proj.weight.dtype)
+        noise = torch.cat([r.noise for r in reqs]).to(pol.device, torch.float32)
         if reqs[0].prefix is None:
             out = self._graph(("plain", e, len(reqs)), batch)(batch, noise=noise) if self.cuda_graph else \
                 pol.predict_unified(batch, num_steps=self.num_steps, noise=noise)

@@ -105,7 +105,7 @@ class DiTHead(ActionHead):
 
     def net(self, x: torch.Tensor, t01: torch.Tensor, prefix_out: PrefixOutput) -> torch.Tensor:
         """Network output ``[B, H, D]`` for noisy chunk ``x [B, H, D]`` at time ``t01 [B]`` scaled to [0, 1]."""
-        h = self.action_in(x) + self.pos
+        h = self.action_in(x.to(self.action_in.weight.dtype)) + self.pos  # x is fp32 during sampling
         c = self.time_mlp(sinusoidal_embedding(t01, self.hidden, 1e-3, 1.0).to(h.dtype))
         ctx = self.ctx_proj(prefix_out.hidden.to(h.dtype))
         pad = ~prefix_out.valid
@@ -143,12 +143,11 @@ class DiTHead(ActionHead):
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                layers: Any = None, guidance: Guidance | None = None) -> torch.Tensor:
         amask = batch["action_mask"].bool()[:, None, :]
-        m = amask.to(prefix_out.hidden.dtype)
+        m = amask.float()  # sampling runs x (and the time) in fp32 whatever the model's dtype (see flow.euler_integrate)
         B, steps = prefix_out.hidden.shape[0], num_steps or self.cfg.num_steps
         if noise is None:
-            noise = torch.randn(B, self.horizon, self.action_dim, generator=generator, device=prefix_out.hidden.device,
-                                dtype=prefix_out.hidden.dtype)
-        x = noise * m
+            noise = torch.randn(B, self.horizon, self.action_dim, generator=generator, device=prefix_out.hidden.device)
+        x = noise.float() * m
         if self.cfg.objective == "flow":
             return flow.euler_integrate(lambda z, tau: self.velocity(backbone, prefix_out, z, tau) * m, x, steps,
                                         guidance=guidance, mask=m)
@@ -158,6 +157,6 @@ class DiTHead(ActionHead):
         sched.set_timesteps(steps, device=x.device)
         T = self.cfg.train_timesteps
         for t in sched.timesteps:
-            out = self.net(x, t.to(x.dtype).expand(B) / T, prefix_out)
-            x = sched.step(out, t, x, generator=generator).prev_sample * m
+            out = self.net(x, t.float().expand(B) / T, prefix_out)
+            x = sched.step(out.float(), t, x, generator=generator).prev_sample * m
         return x

@@ -169,7 +169,7 @@ class FlowExpertHead(ActionHead):
     def embed_actions(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """``x [B, H, D]``, ``tau [B]`` → action tokens ``[B, H, w]`` (``adarms``: the time enters through
         :meth:`time_condition` instead)."""
-        a = self.action_in(x)
+        a = self.action_in(x.to(self.action_in.weight.dtype))  # x is fp32 during sampling (flow.euler_integrate)
         if self.adarms:
             return a
         t = self._time_embedding(tau, a.dtype)
@@ -330,8 +330,8 @@ class FlowExpertHead(ActionHead):
         amask = batch["action_mask"].bool()[:, None, :]
         pk0 = prefix_out.kv[0][0]
         if noise is None:
-            noise = torch.randn(pk0.shape[0], self.horizon, self.action_dim, generator=generator, device=pk0.device, dtype=pk0.dtype)
-        m = amask.to(noise.dtype)
+            noise = torch.randn(pk0.shape[0], self.horizon, self.action_dim, generator=generator, device=pk0.device)
+        m = amask.float()
         # guidance differentiates through the velocity: the in-place KV buffers are for gradient-free steps only
         cache = self.suffix_cache(backbone, prefix_out, buffers=guidance is None and not torch.is_grad_enabled(),
                                   state=batch.get("state"))
