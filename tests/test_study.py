@@ -124,6 +124,79 @@ def test_interrupted_training_resumes_from_its_checkpoint(row_a, capsys):
     assert out.count("reusing the evaluation") == 1  # step 2 (unchanged checkpoint); the new step 4 is evaluated again
 
 
+def _xemb_study(tmp_path: Path, reach_store: Path) -> Path:
+    """A 4c-style pair at tiny settings: a pretrain on a two-embodiment mixture (Meta-World reach + Fetch reach),
+    evaluated on Meta-World, and LoRA / head-only post-training rows that start from its final checkpoint."""
+    tiny = ["model.head=flow_expert", "model.horizon=4", "train.batch_size=4", "data.num_workers=0",
+            "train.log_every=2", "train.progress=false", "train.warmup_steps=1", "data.n_cameras=1"]
+    cfg = str(REPO / "configs" / "quickstart_metaworld.yaml")
+    doc = {
+        "name": "tiny-4c", "out_dir": str(tmp_path / "work"), "results_dir": str(tmp_path / "results"),
+        "defaults": {"eval": {"episodes": 1, "max_steps": 4, "num_envs": 1, "videos": 0, "latency_calls": 1,
+                              "executor": "open_loop:2", "device": "cpu"},
+                     "train": {"steps": 2, "ckpt_every": 2}},
+        "data": {"reach": {"env": "metaworld", "tasks": ["reach-v3"], "store": str(reach_store)},
+                 "fetch": {"env": "fetch", "tasks": ["reach"],
+                           "collect": {"episodes": 1, "image_size": [64, 64], "cameras": ["front"], "workers": 0}}},
+        "rows": {
+            "c-pretrain": {"data": "reach", "mixture": ["reach", {"data": "fetch", "weight": 2.0}],
+                           "method": {"config": cfg, "overrides": tiny + ["data.alpha=0.43"]}},
+            "c-lora": {"data": "reach", "method": {"config": cfg, "init_from_row": "c-pretrain",
+                                                   "overrides": tiny + ["posttrain.mode=lora"]}},
+            "c-head_only": {"data": "reach", "method": {"config": cfg, "init_from_row": "c-pretrain",
+                                                        "overrides": tiny + ["posttrain.mode=head_only"]}},
+        },
+    }
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+@pytest.mark.slow
+def test_pretrain_on_a_mixture_then_posttrain_from_its_checkpoint(row_a, tmp_path, capsys):
+    """Experiment 4c's row kinds end to end: a post-train row trains its init_from_row first when that checkpoint is
+    missing (and counts its GPU time), the pretrain row then reuses that training, a second post-train row starts
+    from the same checkpoint, and a retrained pretrain makes an old post-train run an error, not a silent mix."""
+    from chunkpolicy.study.cli import main
+
+    src, _ = row_a
+    path = _xemb_study(tmp_path, src / "work" / "data" / "reach.zarr")
+    assert main(["run", "c-lora", "--study", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[c-pretrain] training flow_expert" in out and "[c-lora] training lora from c-pretrain" in out
+    lora = json.loads((tmp_path / "results" / "c-lora.json").read_text())
+    init = lora["train"]["init_from"]
+    pre_ckpt = tmp_path / "work" / "rows" / "c-pretrain" / "train" / "checkpoints" / "step_000002"
+    assert init["row"] == "c-pretrain" and init["trained_now"] is True and init["steps"] == 2
+    assert Path(init["checkpoint"]) == pre_ckpt and f"posttrain.init_from={pre_ckpt}" in lora["train"]["config"]["overrides"]
+    assert lora["label"] == "lora from c-pretrain" and lora["train"]["steps"] == 2
+    assert lora["train"]["datasets"] == [{"name": "reach", "store": str(src / "work" / "data" / "reach.zarr"), "weight": 1.0}]
+
+    assert main(["run", "c-pretrain", "--study", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[c-pretrain] training" not in out  # the post-train row's run trained it: reused
+    pre = json.loads((tmp_path / "results" / "c-pretrain.json").read_text())
+    assert [d["name"] for d in pre["train"]["datasets"]] == ["reach", "fetch"]
+    assert [d["weight"] for d in pre["train"]["datasets"]] == [1.0, 2.0] and len(pre["train"]["mixture_probs"]) == 2
+    assert pre["train"]["init_from"] is None and pre["tasks"] == ["reach-v3"]
+
+    assert main(["run", "c-head_only", "--study", str(path)]) == 0
+    head = json.loads((tmp_path / "results" / "c-head_only.json").read_text())
+    assert head["train"]["init_from"]["trained_now"] is False
+    assert head["train"]["init_from"]["checkpoint"] == init["checkpoint"]
+    summary = json.loads((tmp_path / "work" / "rows" / "c-head_only" / "train" / "summary.json").read_text())
+    assert summary["data"]["mode"] == "head_only" and summary["data"]["init_from"] == str(pre_ckpt)
+
+    # the pretrain retrained (new weights at the same path): the finished LoRA run no longer matches it
+    import shutil
+
+    shutil.rmtree(tmp_path / "work" / "rows" / "c-pretrain")
+    (tmp_path / "results" / "c-lora.json").unlink()
+    capsys.readouterr()
+    assert main(["run", "c-lora", "--study", str(path)]) == 2
+    assert "started from other weights" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("edit, msg", [
     (lambda d: d["rows"]["a-flow"]["method"].update(bogus=1), r"rows.a-flow.method.bogus: unknown key"),
     (lambda d: d["rows"]["a-flow"].update(data="nope"), r"rows.a-flow.data: 'nope' is not a key of data"),
@@ -132,6 +205,17 @@ def test_interrupted_training_resumes_from_its_checkpoint(row_a, capsys):
     (lambda d: d["rows"]["a-flow"].update(eval={"episodes": 0}), r"rows.a-flow.eval.episodes"),
     (lambda d: d["data"]["reach"].pop("collect"), r"data.reach: give store .* or collect"),
     (lambda d: d["rows"].update({"c-lr": {"data": "reach", "method": {"lerobot": "act"}}}), r"rows.c-lr.method.steps"),
+    (lambda d: d["rows"]["a-flow"].update(mixture=["reach", "nope"]), r"rows.a-flow.mixture.1: 'nope' is not a key"),
+    (lambda d: d["rows"]["a-flow"].update(mixture=[{"data": "reach", "weight": 0}]), r"rows.a-flow.mixture.0.weight"),
+    (lambda d: d["rows"]["a-flow"].update(mixture=[{"data": "reach", "w": 1}]), r"rows.a-flow.mixture.0.w: unknown key"),
+    (lambda d: d["rows"]["b-flow-te"].update(mixture=["reach"]), r"rows.b-flow-te.mixture: only a method.config row"),
+    (lambda d: d["rows"]["a-flow"]["method"].update(init_from_row="b-flow-te"),
+     r"rows.a-flow.method.init_from_row: 'b-flow-te' must be a method.config training row"),
+    (lambda d: d["rows"]["a-flow"]["method"].update(init_from_row="a-flow"), r"init_from_row: a cycle \(a-flow -> a-flow\)"),
+    (lambda d: d["rows"]["b-flow-te"]["method"].update(init_from_row="a-flow"),
+     r"rows.b-flow-te.method.init_from_row: post-training needs method.config"),
+    (lambda d: d["rows"]["a-flow"]["method"].update(init_from_row="z", overrides=["posttrain.init_from=x"]),
+     r"rows.a-flow.method.overrides: posttrain.init_from is set by init_from_row"),
 ])
 def test_config_errors_name_the_key(tmp_path, edit, msg):
     path = _study(tmp_path)
@@ -149,6 +233,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["run", "nope", "--study", str(_study(tmp_path))]) == 2
     assert "row 'nope' is not in" in capsys.readouterr().err
+    assert main(["collect", "reach", "nope", "--study", str(_study(tmp_path))]) == 2  # checked before collecting
+    assert "data 'nope' is not in" in capsys.readouterr().err
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "other.json").write_text("{}")
     assert main(["aggregate", str(tmp_path / "r")]) == 2
@@ -166,13 +252,40 @@ def test_shipped_study_config_is_valid():
     heads = {r.label for r in study.rows.values() if r.group == "4a"}
     assert {"flow_expert", "lerobot:diffusion", "lerobot:act"} <= heads
     assert {r.data.env for r in study.rows.values()} == {"metaworld", "aloha"}
+    for d in study.data.values():  # evaluation seeds are never collection seeds
+        assert d.collect is None or d.collect.get("seed", 0) + d.collect["episodes"] <= EVAL_SEED, d.name
+    cfgs = {}
     for r in study.rows.values():
         assert r.kind == "from_row" or r.train.get("max_minutes", 99) <= 10, r.name
-        assert r.eval["episodes"] >= 50
+        assert r.eval["episodes"] >= 50 and r.eval["seed"] == EVAL_SEED
         if r.kind == "chunkpolicy":  # every training config with its overrides loads (before any GPU time)
-            cfg = load_config(REPO / r.method["config"], r.method["overrides"] + ["data.datasets=[{path: x.zarr}]"],
-                              check_paths=False)
-            assert cfg.train.max_minutes <= 10 and cfg.train.schedule_over == "time"
+            init = ["posttrain.init_from=x"] if r.method.get("init_from_row") else []
+            cfgs[r.name] = cfg = load_config(REPO / r.method["config"], r.method.get("overrides", []) + init
+                                             + ["data.datasets=[{path: x.zarr}]"], check_paths=False)
+            assert cfg.train.max_minutes <= 10
+            assert cfg.train.schedule_over == ("steps" if r.group == "4c" else "time"), r.name
+
+    # 4c: one pretrain on the three embodiments; post-train rows for 20 and 5 demos per task, each mode against
+    # scratch, all the same model and the same optimizer steps
+    import metaworld.env_dict
+
+    from chunkpolicy.sim import metaworld_env
+
+    assert set(metaworld_env.ML45_TEST) == set(metaworld.env_dict.ML45_V3["test"])  # Meta-World's own split
+    assert set(metaworld_env.ML45_TRAIN) == set(metaworld.env_dict.ML45_V3["train"])
+    pre = study.rows["4c-pretrain"]
+    assert [d.name for d, _ in pre.train_data] == ["ml45_train", "fetch", "aloha_4c"]
+    assert {d.env for d, _ in pre.train_data} == {"metaworld", "fetch", "aloha"} and cfgs["4c-pretrain"].data.alpha < 1
+    post = {n: r for n, r in study.rows.items() if n.startswith("4c-ml45")}
+    assert sorted(post) == sorted(f"4c-ml45test{n}-{m}" for n in (20, 5) for m in ("full", "lora", "head_only", "scratch"))
+    for n, r in post.items():
+        demos, mode = n.split("-")[1], n.split("-")[2]
+        assert r.data.collect["episodes"] == int(demos[len("ml45test"):]) and r.data.tasks == ["ML45_TEST"]
+        assert r.method.get("init_from_row") == (None if mode == "scratch" else "4c-pretrain")
+        if mode != "scratch":
+            assert cfgs[n].posttrain.mode == mode
+        assert cfgs[n].model == cfgs["4c-pretrain"].model, n  # the same architecture
+        assert cfgs[n].train.steps == cfgs["4c-ml45test20-full"].train.steps, n
 
 
 @pytest.mark.slow
@@ -198,3 +311,37 @@ def test_session_limit_pauses_training_with_a_checkpoint_then_continues(row_a, t
     assert main(["run", "a-flow", "--study", str(path), "--session-minutes", "30"]) == 0
     assert "resuming from step_" in capsys.readouterr().out
     assert json.loads((tmp_path / "results" / "a-flow.json").read_text())["train"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_eval_reserve_defers_the_evaluation_to_the_next_session(row_a, tmp_path):
+    """--eval-reserve-minutes: training runs to the session's end, but an evaluation starts only with that much time
+    left; the next session evaluates the finished training."""
+    from chunkpolicy.study.runner import SessionLimit, run_row
+
+    src, _ = row_a
+    study = load_study(_study(tmp_path, store=str(src / "work" / "data" / "reach.zarr")))
+    with pytest.raises(SessionLimit, match=r"session minutes left, 60.0 needed, before evaluating"):
+        run_row(study, "a-flow", session_minutes=30, eval_reserve_minutes=60)
+    summary = json.loads((tmp_path / "work" / "rows" / "a-flow" / "train" / "summary.json").read_text())
+    assert summary["steps"] == 4 and not (tmp_path / "work" / "rows" / "a-flow" / "eval").exists()
+    res = run_row(study, "a-flow", session_minutes=30, eval_reserve_minutes=1)
+    assert res["train"]["steps"] == 4 and [e["step"] for e in res["success_vs_steps"]] == [2, 4]
+
+
+def test_lerobot_same_as_steps_come_from_the_finished_rows_results(tmp_path):
+    """same_as:ROW on a fresh machine: a finished ROW's results JSON gives the steps; nothing is trained again."""
+    from chunkpolicy.study.lerobot_train import _lerobot_steps
+
+    path = _study(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["rows"]["c-act"] = {"data": "reach", "method": {"lerobot": "act", "steps": "same_as:a-flow"}}
+    path.write_text(yaml.safe_dump(doc))
+    study = load_study(path)
+
+    def train_source(row):
+        raise AssertionError(f"trained {row.name} again")
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a-flow.json").write_text(json.dumps({"row": "a-flow", "train": {"steps": 1234}}))
+    assert _lerobot_steps(study, study.rows["c-act"], lambda m: None, train_source) == 1234

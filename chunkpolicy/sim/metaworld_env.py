@@ -92,6 +92,9 @@ MT10: tuple[str, ...] = (
     "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3",
 )
 MT50 = TASKS
+# Meta-learning split (metaworld.env_dict.ML45_V3): 45 training tasks, 5 held-out test tasks
+ML45_TEST: tuple[str, ...] = ("bin-picking-v3", "box-close-v3", "door-lock-v3", "door-unlock-v3", "hand-insert-v3")
+ML45_TRAIN: tuple[str, ...] = tuple(t for t in TASKS if t not in ML45_TEST)
 
 
 def make_spec(cameras: Sequence[str] = DEFAULT_CAMERAS, **_: Any) -> EmbodimentSpec:

@@ -62,13 +62,19 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         t, lat = r.get("train") or {}, r.get("latency") or {}
         gpu = "shared with " + t["source_row"] if t.get("source_row") else _num(r.get("gpu_minutes"))
+        init = t.get("init_from") or {}
+        if init.get("trained_now") and not t.get("source_row"):
+            gpu += f" (incl. {init['row']}'s training)"
         data = r.get("data") or {}
+        mix = [d["name"] for d in t.get("datasets") or []]
+        data_txt = (f"{'+'.join(mix)} (eval: {data.get('name', '')})" if len(mix) > 1
+                    else f"{data.get('name', '')} ({data.get('episodes', '?')} demos)")
         mean = r["success"]["mean"]
         bad = (f"{100 * mean['invalid_rate']:.1f}% ({mean['invalid_chunks']}/{mean['chunks']})"
                if mean.get("invalid_rate") is not None else "—")
         lines.append(
-            f"| {r['row']} | {r.get('label', '')} | {r['eval']['executor']} | {data.get('name', '')} "
-            f"({data.get('episodes', '?')} demos) | {t.get('steps', '—')} | {_num(t.get('train_minutes'))} | {gpu} | "
+            f"| {r['row']} | {r.get('label', '')} | {r['eval']['executor']} | {data_txt} "
+            f"| {t.get('steps', '—')} | {_num(t.get('train_minutes'))} | {gpu} | "
             f"{_num(lat.get('median_ms'), '{:.2f}')} | **{_pct(mean)}** | {bad} | `{r.get('command', '')}` |")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
     chunkpolicy study list --study configs/study/issue16.yaml
     chunkpolicy study run 4a-mt10-flow_expert --study configs/study/issue16.yaml [--force]
     chunkpolicy study aggregate benchmarks/results/study [--out DIR]
+    chunkpolicy study collect fetch aloha_4c --study configs/study/issue16.yaml   # data sources only
 
 ``run`` is resumable: rerunning a row continues its collection, training (from the latest checkpoint) and
 evaluations; a row whose results JSON exists is skipped unless ``--force``. ``--session-minutes M`` ends a session
@@ -33,8 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--session-minutes", type=float, default=None, metavar="M",
                    help="stop this session after about M minutes (training ends at its next step with a checkpoint; "
                    "exit code 3 = not done yet, run the same command again), e.g. to fit a row into machine time slots")
+    r.add_argument("--eval-reserve-minutes", type=float, default=0.0, metavar="R",
+                   help="with --session-minutes: start an evaluation only when at least R minutes of the session are "
+                   "left (else exit 3 and evaluate in the next session)")
     ls = sub.add_parser("list", help="the study's rows: method, data, executor, done or not, command")
     ls.add_argument("--study", required=True)
+    co = sub.add_parser("collect", help="collect (or resume) the named data sources only, e.g. on a machine whose "
+                        "simulators the GPU host lacks; rows reuse a finished collection")
+    co.add_argument("data", nargs="+", help="keys of the study's data")
+    co.add_argument("--study", required=True)
     ag = sub.add_parser("aggregate", help="markdown tables and PNG plots from a folder of row results")
     ag.add_argument("dir")
     ag.add_argument("--out", default=None)
@@ -58,13 +66,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for name, row in study.rows.items():
                 done = "done" if row_result_path(study, name).is_file() else "todo"
-                print(f"{done}  {row.group:<4} {name:<32} {row.label:<20} {row.data.name:<12} "
+                data = "+".join(d.name for d, _ in row.train_data) if row.mixture else row.data.name
+                print(f"{done}  {row.group:<4} {name:<32} {row.label:<28} {data:<12} "
                       f"{row.eval['executor']:<18} {row_command(study, name)}")
+            return 0
+        if a.cmd == "collect":
+            from chunkpolicy.study.runner import ensure_source
+
+            bad = [d for d in a.data if d not in study.data]
+            if bad:
+                raise StudyError(f"data {bad[0]!r} is not in {study.path}; data: {sorted(study.data)}")
+            for d in a.data:
+                info = ensure_source(study.data[d])
+                print(f"[data {d}] {info['episodes']} episodes, {info['frames']} frames in {info['store']}")
             return 0
         from chunkpolicy.study.runner import SessionLimit, run_row
 
         try:
-            run_row(study, a.row, force=a.force, session_minutes=a.session_minutes)
+            run_row(study, a.row, force=a.force, session_minutes=a.session_minutes,
+                    eval_reserve_minutes=a.eval_reserve_minutes)
         except SessionLimit as e:
             print(f"chunkpolicy study: not done yet ({e}); run the same command again to continue", file=sys.stderr)
             return 3

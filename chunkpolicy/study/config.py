@@ -9,7 +9,7 @@ defaults:                               # merged under every row (a row's own ke
 data:
   mt10:
     env: metaworld
-    tasks: MT10                         # a list, a comma-separated string, or MT10 / MT50 for metaworld
+    tasks: MT10                         # a list, a comma-separated string, or a Meta-World set (TASK_SETS)
     collect: {episodes: 20, image_size: [64, 64], cameras: [corner]}   # or  store: path/to/demos.zarr
 rows:
   4a-mt10-flow_expert:
@@ -25,14 +25,27 @@ rows:
     data: mt10
     method: {from_row: 4a-mt10-flow_expert}   # evaluate that row's checkpoint again (no training)
     eval: {executor: "rtc:8,2"}
+  4c-pretrain:
+    data: ml45_test20                   # evaluated here (zero-shot); trained on the mixture
+    mixture: [ml45_train, fetch, {data: aloha_4c, weight: 1.0}]
+    method: {config: configs/study/xemb_pretrain_small.yaml}
+  4c-ml45test20-lora:
+    data: ml45_test20
+    method: {config: configs/study/xemb_posttrain_small.yaml, init_from_row: 4c-pretrain,
+             overrides: [posttrain.mode=lora]}
 ```
 
 Rows: ``group`` (table it belongs to, default the text before the first ``-`` of its name), ``data`` (a key of
 ``data``), ``method`` (exactly one of ``config`` = a chunkpolicy experiment YAML with ``overrides``, ``lerobot`` =
 ``diffusion`` | ``act`` | another LeRobot policy type trained by LeRobot's own trainer with its defaults and ``args``
 for ``steps`` optimizer steps (an int, or ``same_as:ROW``: the steps that chunkpolicy row reached),
-``from_row`` = another row's trained checkpoint), ``train`` (``max_minutes``, ``steps``, ``ckpt_every``;
-``eval_checkpoints``: ``last`` or ``all``, the latter evaluating every kept checkpoint for success vs training steps)
+``from_row`` = another row's trained checkpoint; with ``config``, ``init_from_row: ROW`` post-trains from that
+chunkpolicy row's final checkpoint, trained first if it is missing: ``posttrain.init_from`` is set to it and
+``posttrain.mode`` comes from the overrides), ``mixture`` (the data a ``config`` row trains on when it is not its
+``data`` alone: a list of data keys or ``{data: KEY, weight: W}``; the sampling probabilities are
+``weight · frames^data.alpha`` per the method config; ``data`` is then only what the row is evaluated on),
+``train`` (``max_minutes``, ``steps``, ``ckpt_every``; ``eval_checkpoints``: ``last`` or ``all``, the latter
+evaluating every kept checkpoint for success vs training steps)
 and ``eval`` (``episodes`` per task, ``seed`` (default: ``chunkpolicy eval``'s held-out evaluation seed, never a collection seed), ``max_steps``, ``executor``,
 ``num_envs``, ``workers``, ``videos``, ``device``, ``latency_calls``). Every error names the key
 (``rows.4a-mt10-flow_expert.method.overrides``) and the file.
@@ -48,13 +61,15 @@ from typing import Any
 
 import yaml
 
-__all__ = ["StudyError", "Study", "Row", "DataSource", "load_study", "EVAL_KEYS", "TRAIN_KEYS"]
+__all__ = ["StudyError", "Study", "Row", "DataSource", "load_study", "EVAL_KEYS", "TRAIN_KEYS", "TASK_SETS"]
 
 TOP_KEYS = {"name", "out_dir", "results_dir", "defaults", "data", "rows", "notes"}
 DATA_KEYS = {"env", "tasks", "collect", "store", "notes"}
 COLLECT_KEYS = {"episodes", "image_size", "cameras", "seed", "max_steps", "workers", "env_kwargs"}
-ROW_KEYS = {"group", "data", "method", "train", "eval", "notes"}
-METHOD_KEYS = {"config", "overrides", "lerobot", "args", "steps", "from_row", "label"}
+ROW_KEYS = {"group", "data", "mixture", "method", "train", "eval", "notes"}
+METHOD_KEYS = {"config", "overrides", "lerobot", "args", "steps", "from_row", "init_from_row", "label"}
+# Meta-World task sets a data source may name (expanded by the runner from chunkpolicy.sim.metaworld_env)
+TASK_SETS = ("MT10", "MT50", "ML45_TRAIN", "ML45_TEST")
 TRAIN_KEYS = {"max_minutes", "steps", "ckpt_every", "eval_checkpoints", "keep_last"}
 EVAL_KEYS = {"episodes", "seed", "max_steps", "executor", "num_envs", "workers", "videos", "device", "latency_calls",
              "num_steps"}
@@ -85,12 +100,18 @@ class Row:
 
     name: str
     group: str
-    data: DataSource
+    data: DataSource  # what the row is evaluated on (and trained on, without a mixture)
     method: dict[str, Any]
     train: dict[str, Any]
     eval: dict[str, Any]
     kind: str  # "chunkpolicy" | "lerobot" | "from_row"
     raw: dict[str, Any] = field(default_factory=dict)  # the row as written plus defaults (saved in its results)
+    mixture: tuple[tuple[DataSource, float], ...] = ()  # (source, weight) trained on; () = ((data, 1.0),)
+
+    @property
+    def train_data(self) -> tuple[tuple[DataSource, float], ...]:
+        """The (source, weight) pairs the row trains on: its ``mixture``, else its ``data``."""
+        return self.mixture or ((self.data, 1.0),)
 
     @property
     def label(self) -> str:
@@ -102,6 +123,9 @@ class Row:
             return f"lerobot:{m['lerobot']}"
         if self.kind == "from_row":
             return f"{m['from_row']}"
+        if m.get("init_from_row"):
+            modes = [o.split("=", 1)[1] for o in m.get("overrides", []) if o.startswith("posttrain.mode=")]
+            return f"{modes[-1] if modes else 'full'} from {m['init_from_row']}"
         heads = [o.split("=", 1)[1] for o in m.get("overrides", []) if o.startswith("model.head=")]
         return heads[-1] if heads else Path(m["config"]).stem
 
@@ -141,9 +165,46 @@ def _tasks(env: str, tasks: Any, where: str, src: str) -> list[str]:
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise StudyError(f"{where}.tasks: expected a non-empty list of task names [{src}]")
-    if env == "metaworld" and len(tasks) == 1 and tasks[0].upper() in ("MT10", "MT50"):
+    if env == "metaworld" and len(tasks) == 1 and tasks[0].upper() in TASK_SETS:
         return [tasks[0].upper()]  # expanded by the runner (the simulator module is not imported here)
     return list(tasks)
+
+
+def _mixture(spec: Any, data: dict[str, DataSource], kind: str, where: str,
+             src: str) -> tuple[tuple[DataSource, float], ...]:
+    """A row's ``mixture``: data keys or ``{data: KEY, weight: W}`` mappings, as (source, weight) pairs."""
+    if spec is None:
+        return ()
+    if kind != "chunkpolicy":
+        raise StudyError(f"{where}.mixture: only a method.config row trains on a mixture [{src}]")
+    if not isinstance(spec, list) or not spec:
+        raise StudyError(f"{where}.mixture: expected a non-empty list of data keys or {{data: KEY, weight: W}} [{src}]")
+    out: list[tuple[DataSource, float]] = []
+    for i, item in enumerate(spec):
+        item = {"data": item} if isinstance(item, str) else _keys(item, {"data", "weight"}, f"{where}.mixture.{i}", src)
+        key, weight = item.get("data"), item.get("weight", 1.0)
+        if key not in data:
+            raise StudyError(f"{where}.mixture.{i}: {key!r} is not a key of data ({sorted(data)}) [{src}]")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise StudyError(f"{where}.mixture.{i}.weight: expected a positive number, got {weight!r} [{src}]")
+        if key in [d.name for d, _ in out]:
+            raise StudyError(f"{where}.mixture.{i}: {key!r} is listed twice [{src}]")
+        out.append((data[key], float(weight)))
+    return tuple(out)
+
+
+def _check_init_chain(rows: dict[str, Row], name: str, src: str) -> None:
+    """``init_from_row`` names a chunkpolicy training row of the study, and following it never comes back."""
+    seen, cur = [name], name
+    while rows[cur].method.get("init_from_row") is not None:
+        ref = rows[cur].method["init_from_row"]
+        if ref not in rows or rows[ref].kind != "chunkpolicy":
+            raise StudyError(f"rows.{cur}.method.init_from_row: {ref!r} must be a method.config training row of this "
+                             f"study ({sorted(n for n, r in rows.items() if r.kind == 'chunkpolicy')}) [{src}]")
+        if ref in seen:
+            raise StudyError(f"rows.{name}.method.init_from_row: a cycle ({' -> '.join(seen + [ref])}) [{src}]")
+        seen.append(ref)
+        cur = ref
 
 
 def load_study(path: str | os.PathLike) -> Study:
@@ -207,8 +268,16 @@ def load_study(path: str | os.PathLike) -> Study:
             raise StudyError(f"{where}.eval.episodes: expected a positive int, got {ev['episodes']!r} [{src}]")
         if r.get("data") not in data:
             raise StudyError(f"{where}.data: {r.get('data')!r} is not a key of data ({sorted(data)}) [{src}]")
+        mixture = _mixture(r.get("mixture"), data, kind, where, src)
+        if method.get("init_from_row") is not None and kind != "chunkpolicy":
+            raise StudyError(f"{where}.method.init_from_row: post-training needs method.config (the training recipe) "
+                             f"[{src}]")
+        if method.get("init_from_row") is not None and any(
+                str(o).split("=", 1)[0].strip() == "posttrain.init_from" for o in method.get("overrides", [])):
+            raise StudyError(f"{where}.method.overrides: posttrain.init_from is set by init_from_row; give one of them "
+                             f"[{src}]")
         group = str(r.get("group") or name.split("-", 1)[0])
-        rows[name] = Row(name, group, data[r["data"]], method, train, ev, kind, merged)
+        rows[name] = Row(name, group, data[r["data"]], method, train, ev, kind, merged, mixture)
     for name, row in rows.items():
         same = str(row.method.get("steps", ""))
         if row.kind == "lerobot" and same.startswith("same_as:"):
@@ -224,4 +293,6 @@ def load_study(path: str | os.PathLike) -> Study:
             if src_row.data.name != row.data.name:
                 raise StudyError(f"rows.{name}.data: {row.data.name!r} differs from its from_row's data "
                                  f"{src_row.data.name!r} [{src}]")
+        if row.method.get("init_from_row") is not None:
+            _check_init_chain(rows, name, src)
     return Study(str(raw["name"]), p, out_dir, results_dir, rows, data)

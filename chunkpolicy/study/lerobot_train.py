@@ -39,6 +39,10 @@ def _lerobot_steps(study: Study, row: Row, log: Log, train_source: Callable[[Row
     src = str(steps)[len("same_as:"):]
     if not str(steps).startswith("same_as:") or src not in study.rows or study.rows[src].kind != "chunkpolicy":
         raise StudyError(f"rows.{row.name}.method.steps: expected an int or same_as:<chunkpolicy row>, got {steps!r}")
+    done = study.results_dir / f"{src}.json"
+    if done.is_file():  # that row is finished: its recorded steps (a fresh machine need not train it again)
+        log(f"[{row.name}] steps: the optimizer steps of row {src} ({done})")
+        return int(read_json(done)["train"]["steps"])
     log(f"[{row.name}] steps: the optimizer steps of row {src}")
     return int(train_source(study.rows[src])["steps"])
 

@@ -2,13 +2,16 @@
 
 Stages, each resumable (a row can be completed in several sittings; rerunning the command continues):
 
-1. **Data**: the row's data source: an existing store, or its ``collect`` recipe (scripted experts, written to
-   ``out_dir/data/<data>.zarr``; an interrupted collection resumes, a finished one is reused by every row).
+1. **Data**: the row's data sources (``data``, and each of its ``mixture``): an existing store, or its ``collect``
+   recipe (scripted experts, written to ``out_dir/data/<data>.zarr``; an interrupted collection resumes, a finished
+   one is reused by every row).
 2. **Training**: ``method.config`` trains chunkpolicy in this process (what ``chunkpolicy train`` does) into
-   ``out_dir/rows/<row>/train``; a run that has checkpoints but did not finish resumes from its latest checkpoint
-   (same batches, RNG, optimizer). ``method.lerobot`` runs LeRobot's own trainer on the exported demos
-   (:mod:`chunkpolicy.study.lerobot_train`). ``method.from_row`` trains nothing: it evaluates that row's checkpoint
-   (trained first if needed).
+   ``out_dir/rows/<row>/train``, on ``data`` or on the ``mixture``; a run that has checkpoints but did not finish
+   resumes from its latest checkpoint (same batches, RNG, optimizer). With ``method.init_from_row`` it post-trains
+   from that row's final checkpoint (``posttrain.init_from``), training that row first when its checkpoint is
+   missing (a fresh machine): that training's GPU time is then added to this row's. ``method.lerobot`` runs
+   LeRobot's own trainer on the exported demos (:mod:`chunkpolicy.study.lerobot_train`). ``method.from_row`` trains
+   nothing: it evaluates that row's checkpoint (trained first if needed).
 3. **Evaluation**: ``chunkpolicy eval`` (:func:`chunkpolicy.evaluation.cli.run_eval`) of the final checkpoint, or of
    every kept checkpoint with ``train.eval_checkpoints: all`` (success vs training steps), into
    ``out_dir/rows/<row>/eval/<checkpoint>``; a finished evaluation with the same settings is reused.
@@ -36,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from chunkpolicy.atomic import read_json
-from chunkpolicy.study.config import Row, Study, StudyError
+from chunkpolicy.study.config import TASK_SETS, DataSource, Row, Study, StudyError
 from chunkpolicy.study.session import Deadline, Log, SessionLimit, write_json as _write_json
 
-__all__ = ["run_row", "row_result_path", "ensure_data", "train_row", "chunk_latency", "git_info", "row_command",
-           "SessionLimit", "Deadline"]  # SessionLimit, Deadline: from chunkpolicy.study.session
+__all__ = ["run_row", "row_result_path", "ensure_data", "ensure_source", "train_row", "chunk_latency", "git_info",
+           "row_command", "SessionLimit", "Deadline"]  # SessionLimit, Deadline: from chunkpolicy.study.session
 
 def row_result_path(study: Study, name: str) -> Path:
     return study.results_dir / f"{name}.json"
@@ -72,7 +75,7 @@ def _machine() -> dict[str, Any]:
 
 
 def _expand_tasks(env: str, tasks: list[str]) -> list[str]:
-    if env == "metaworld" and len(tasks) == 1 and tasks[0] in ("MT10", "MT50"):
+    if env == "metaworld" and len(tasks) == 1 and tasks[0] in TASK_SETS:
         from chunkpolicy.sim import metaworld_env
 
         return list(getattr(metaworld_env, tasks[0]))
@@ -81,10 +84,14 @@ def _expand_tasks(env: str, tasks: list[str]) -> list[str]:
 
 # -- 1. data --------------------------------------------------------------------------------------------------------
 def ensure_data(row: Row, log: Log = print) -> dict[str, Any]:
-    """The row's episode store, collected (or resumed) when it has a recipe; returns what the results record."""
+    """The episode store the row is evaluated on (:func:`ensure_source` of ``row.data``)."""
+    return ensure_source(row.data, log)
+
+
+def ensure_source(d: DataSource, log: Log = print) -> dict[str, Any]:
+    """A data source's episode store, collected (or resumed) when it has a recipe; returns what the results record."""
     from chunkpolicy.data.store import EpisodeStore
 
-    d = row.data
     store = Path(d.store)
     marker = store.with_name(store.name + ".collect.json")
     info: dict[str, Any] = {"name": d.name, "env": d.env, "store": str(store), "collect": d.collect}
@@ -128,14 +135,49 @@ def _fit(cfg: Any, resume: bool, deadline: Deadline) -> dict[str, Any]:
     return run(cfg, resume=resume, deadline_s=deadline.left())
 
 
-def _train_chunkpolicy(study: Study, row: Row, run_dir: Path, store: Path, log: Log,
+def _weights_id(checkpoint: str | Path) -> list[Any]:
+    """Which weights a checkpoint holds (path, size, mtime): a retrained checkpoint gets another id."""
+    w = Path(checkpoint) / "model.safetensors"
+    st = w.stat()
+    return [str(w.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _init_from_row(study: Study, row: Row, run_dir: Path, log: Log, deadline: Deadline) -> dict[str, Any]:
+    """The final checkpoint of ``method.init_from_row`` (trained first when missing, e.g. on a fresh machine) and
+    its training record; ``trained_now`` says this session trained it (its GPU time is then this row's too). A
+    run of this row started from other weights (that source retrained since) is an error, never a silent mix."""
+    src = study.rows[row.method["init_from_row"]]
+    src_summary = study.out_dir / "rows" / src.name / "train" / "summary.json"
+    before = read_json(src_summary) if src_summary.is_file() else None
+    base = train_row(study, src, log, deadline)
+    if not base["checkpoints"]:
+        raise RuntimeError(f"[{row.name}] init_from_row {src.name}: its training left no checkpoint")
+    ckpt = base["checkpoints"][-1][1]
+    trained_now = (before is None or before.get("stopped") == "stop_after"
+                   or int(before.get("steps", -1)) != base["steps"])
+    marker = run_dir / "init_from.json"
+    ident = _weights_id(ckpt)
+    if marker.is_file() and read_json(marker).get("weights") != ident:
+        raise StudyError(f"rows.{row.name}: its run in {run_dir} started from other weights than {ckpt} (row "
+                         f"{src.name} was retrained since); delete {run_dir} to post-train again")
+    if not marker.is_file():
+        _write_json({"row": src.name, "checkpoint": ckpt, "weights": ident}, marker)
+    return {"row": src.name, "checkpoint": ckpt, "steps": base["steps"], "trained_now": trained_now,
+            "gpu_minutes": base.get("gpu_minutes"), "wall_minutes": base.get("wall_minutes"),
+            "final_train_loss": base.get("final_train_loss"), "datasets": base.get("datasets")}
+
+
+def _train_chunkpolicy(study: Study, row: Row, run_dir: Path, stores: list[tuple[DataSource, Path, float]], log: Log,
                        deadline: Deadline) -> dict[str, Any]:
     from chunkpolicy.config import ConfigError, load_config
     from chunkpolicy.training.checkpoint import CheckpointManager
 
     m, t = row.method, row.train
-    ov = list(m.get("overrides", [])) + [f"data.datasets=[{{path: {json.dumps(str(store))}}}]",
-                                         f"train.output_dir={run_dir}"]
+    init = _init_from_row(study, row, run_dir, log, deadline) if m.get("init_from_row") else None
+    datasets = ", ".join(f"{{path: {json.dumps(str(p))}, weight: {w}}}" for _, p, w in stores)
+    ov = list(m.get("overrides", [])) + [f"data.datasets=[{datasets}]", f"train.output_dir={run_dir}"]
+    if init is not None:
+        ov.append(f"posttrain.init_from={init['checkpoint']}")
     for key in ("steps", "max_minutes", "ckpt_every", "keep_last"):
         if t.get(key) is not None:
             ov.append(f"train.{key}={t[key]}")
@@ -171,7 +213,9 @@ def _train_chunkpolicy(study: Study, row: Row, run_dir: Path, store: Path, log: 
             "startup_s_last_session": done.get("startup"),
             "note": "minutes of the training loop over all sessions (compilation and graph capture included; process "
                     "start-up, data loading and model building of each session not included: startup_s_last_session)",
-            "config": {"file": m["config"], "overrides": ov}}
+            "config": {"file": m["config"], "overrides": ov},
+            "datasets": [{"name": d.name, "store": str(p), "weight": w} for d, p, w in stores],
+            "mixture_probs": (done.get("data") or {}).get("mixture_probs"), "init_from": init}
 
 
 def train_row(study: Study, row: Row, log: Log = print, deadline: Deadline | None = None) -> dict[str, Any]:
@@ -182,13 +226,14 @@ def train_row(study: Study, row: Row, log: Log = print, deadline: Deadline | Non
     if row.kind == "from_row":
         src = study.rows[row.method["from_row"]]
         return {**train_row(study, src, log, deadline), "source_row": src.name, "gpu_minutes_shared": True}
-    store = Path(ensure_data(row, log)["store"])
     run_dir = study.out_dir / "rows" / row.name / "train"
     if row.kind == "lerobot":
         from chunkpolicy.study.lerobot_train import train_lerobot
 
+        store = Path(ensure_data(row, log)["store"])
         return train_lerobot(study, row, run_dir, store, log, deadline, lambda r: train_row(study, r, log, deadline))
-    return _train_chunkpolicy(study, row, run_dir, store, log, deadline)
+    stores = [(d, Path(ensure_source(d, log)["store"]), w) for d, w in row.train_data]
+    return _train_chunkpolicy(study, row, run_dir, stores, log, deadline)
 
 
 # -- 3./4. evaluation and latency ----------------------------------------------------------------------------------
@@ -269,11 +314,12 @@ def _eval_one(row: Row, kind: str, checkpoint: str, tasks: list[str], out: Path,
 
 
 def run_row(study: Study, name: str, *, force: bool = False, log: Log = print,
-            session_minutes: float | None = None) -> dict[str, Any]:
+            session_minutes: float | None = None, eval_reserve_minutes: float = 0.0) -> dict[str, Any]:
     """Run (or finish) one row; returns its results dict (see the module docstring). With ``session_minutes`` the
     session stops (:class:`SessionLimit`) once that time is up: training at its next step with a checkpoint, LeRobot
     training at the cap (it continues from its last saved checkpoint), evaluation before the next checkpoint's
-    evaluation; rerunning the command continues."""
+    evaluation, or already when fewer than ``eval_reserve_minutes`` are left for it (an evaluation cut off by a hard
+    time limit would be redone from its start); rerunning the command continues."""
     deadline = Deadline(session_minutes)
     import torch
 
@@ -288,6 +334,7 @@ def run_row(study: Study, name: str, *, force: bool = False, log: Log = print,
     data = ensure_data(row, log)
     train = train_row(study, row, log, deadline)
     kind = "lerobot" if (row.kind == "lerobot" or train.get("framework") == "lerobot") else "chunkpolicy"
+    init = {} if train.get("source_row") else (train.get("init_from") or {})
     tasks = _expand_tasks(row.data.env, row.data.tasks)
     device = row.eval["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpts = train["checkpoints"] if row.train.get("eval_checkpoints") == "all" else train["checkpoints"][-1:]
@@ -298,7 +345,7 @@ def run_row(study: Study, name: str, *, force: bool = False, log: Log = print,
     for step, ck in ckpts:
         label = f"step_{int(step):06d}"
         if not (study.out_dir / "rows" / name / "eval" / label / "results.json").is_file():
-            deadline.check(f"evaluating {ck}")
+            deadline.check(f"evaluating {ck}", 60.0 * eval_reserve_minutes)
         res = _eval_one(row, kind, ck, tasks, study.out_dir / "rows" / name / "eval" / label, device, log, command,
                         force)
         evals.append({"step": int(step), "checkpoint": ck, "results": str(study.out_dir / "rows" / name / "eval" / label
@@ -323,7 +370,9 @@ def run_row(study: Study, name: str, *, force: bool = False, log: Log = print,
         "episodes": final["episodes"]["policy"],  # per episode: task, seed, success, steps, return, chunks, ...
         "success_vs_steps": evals,
         "latency": latency,
-        "gpu_minutes": (0.0 if train.get("source_row") else float(train.get("gpu_minutes") or 0.0)) + eval_min * eval_gpus,
+        # a row's own training and evaluation, plus its init_from_row's training when this session had to redo it
+        "gpu_minutes": (0.0 if train.get("source_row") else float(train.get("gpu_minutes") or 0.0)) + eval_min * eval_gpus
+                       + (float(init.get("gpu_minutes") or 0.0) if init.get("trained_now") else 0.0),
         "row_wall_minutes_this_session": (time.perf_counter() - t_start) / 60,
     }
     _write_json(results, out)

@@ -28,10 +28,12 @@ class Deadline:
     def left(self) -> float | None:
         return None if self.end is None else self.end - time.monotonic()
 
-    def check(self, what: str) -> None:
+    def check(self, what: str, need_s: float = 0.0) -> None:
+        """:class:`SessionLimit` when no more than ``need_s`` seconds are left (``what`` would not finish)."""
         left = self.left()
-        if left is not None and left <= 0:
-            raise SessionLimit(f"session time is up before {what}")
+        if left is not None and left <= need_s:
+            raise SessionLimit(f"session time is up before {what}" if need_s <= 0 else
+                               f"{max(left, 0) / 60:.1f} session minutes left, {need_s / 60:.1f} needed, before {what}")
 
 
 def write_json(obj: Any, path: Path) -> None:

@@ -1,0 +1,135 @@
+#!/bin/bash
+# Advance the issue-16 study on a GPU host of the device tool: one device `run` call = one run of this script.
+#
+#   run(command="bash benchmarks/study_gpu.sh 4c-ml45test20-full 4c-ml45test20-lora 4c-ml45test20-head_only",
+#       carry=["wheels", ".simpkgs", ".gl", "runs/study/data/xemb_sims.tar.xz"], timeout_s=600)
+#   ... then the same call again, at once, until status.txt says done for every row (about 3 calls for this lease)
+#
+# It sources benchmarks/gpu_env.sh (installs the carried wheels, MUJOCO_GL=egl), then runs the given rows in order,
+# each `python -m chunkpolicy.study.cli run ROW --study $STUDY --session-minutes M --eval-reserve-minutes R`
+# (= `chunkpolicy study run ...`), with M = the time left in this call less 45 s: training pauses there with
+# a checkpoint, an evaluation starts only when R = EVAL_RESERVE_MIN minutes are left for it, and a `timeout` stops a
+# row that overruns anyway (its collection and training resume; an evaluation cut off is redone). Rows already done
+# (their benchmarks/results/study/<row>.json is in the working tree) are skipped in seconds.
+#
+# What comes back in $OUT (the tool returns at most 8 files): status.txt (per row: done / not done yet / failed, exit
+# code, minutes), study_gpu.log (everything printed), study_results.tgz (benchmarks/results/study/*.json, every row's
+# run record: summary.json, config.yaml, metrics.jsonl, init_from.json, eval results.json, data collection markers,
+# LeRobot train logs; no checkpoints, videos or TensorBoard files), and the JSON of up to 4 rows finished in this call.
+# Unpack the archive in the repository root after every call (`tar xzf study_results.tgz`): the finished rows'
+# JSONs then travel with the next call's working tree and are skipped there.
+#
+# How a session uses it. Resuming needs the row's run directory (runs/study/..., ignored by git, kept on the machine
+# while it is warm): call again within the tool's 30 s warm period with the same rows, until status.txt says done
+# for all (exit 3 = not done yet). A machine is held at most 30 minutes and a fresh one starts bare, so everything that
+# depends on a checkpoint (4b on 4a's flow_expert rows, 4c post-training on 4c-pretrain) runs in the lease that trains
+# it: a row whose init_from_row / from_row checkpoint is missing trains it again first (its GPU time is counted). The
+# lease plan in configs/study/issue16.yaml's header groups the rows that way.
+#
+# Simulators: Meta-World comes from .simpkgs (gpu_env.sh). Fetch (gymnasium-robotics) and ALOHA (gym-aloha +
+# dm-control, 116 MB installed) are not on the host image and too large to carry as they are; any further *.tar.xz
+# in .simpkgs (a pruned site-packages tree, like metaworld_pruned.tar.xz) is unpacked into site-packages here. For 4c
+# it is enough to carry the Fetch and ALOHA stores instead (ALOHA is only pretraining data there), collected on the
+# CPU machine and packed small (the runner reuses a finished collection: store + .collect.json marker):
+#   chunkpolicy study collect fetch aloha_4c --study configs/study/issue16.yaml
+#   tar cJf runs/study/data/xemb_sims.tar.xz -C runs/study/data fetch.zarr fetch.zarr.collect.json \
+#       aloha_4c.zarr aloha_4c.zarr.collect.json
+# and add runs/study/data/xemb_sims.tar.xz to carry: every runs/study/data/*.tar.xz is unpacked here (stores already
+# there are kept). 4a's ALOHA rows need the simulator itself (their evaluation). status.txt lists what imports.
+#
+# Settings (environment): STUDY (default configs/study/issue16.yaml), CALL_MIN (minutes this call may use, default
+# 9.3), EVAL_RESERVE_MIN (minutes an evaluation and the latency need before one may start, default 3.5: more than
+# the longest evaluation of the study, or it is cut off and redone on every call).
+set -u
+t0=$(date +%s)
+STUDY=${STUDY:-configs/study/issue16.yaml}
+CALL_MIN=${CALL_MIN:-9.3}
+EVAL_RESERVE_MIN=${EVAL_RESERVE_MIN:-3.5}
+OUT=${OUT:-/tmp/study_out}
+mkdir -p "$OUT"
+LOG="$OUT/study_gpu.log"
+STATUS="$OUT/status.txt"
+: > "$STATUS"
+if [ $# -eq 0 ]; then echo "usage: bash benchmarks/study_gpu.sh ROW [ROW ...]" >&2; exit 2; fi
+
+source benchmarks/gpu_env.sh >> "$LOG" 2>&1
+site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+for f in .simpkgs/*.tar.xz; do
+  [ -f "$f" ] && [ "$(basename "$f")" != metaworld_pruned.tar.xz ] && tar xJf "$f" -C "$site"
+done
+end=$(python -c "print(int($t0 + 60 * $CALL_MIN))")
+results_dir=$(python -c "from chunkpolicy.study.config import load_study; print(load_study('$STUDY').results_dir)" 2>>"$LOG")
+data_dir=$(python -c "from chunkpolicy.study.config import load_study; print(load_study('$STUDY').out_dir / 'data')" 2>>"$LOG")
+for f in "$data_dir"/*.tar.xz; do  # carried stores (see above), each with its marker; one already here is kept
+  [ -f "$f" ] || continue
+  tmp=$(mktemp -d) && tar xJf "$f" -C "$tmp"
+  for st in "$tmp"/*.zarr; do
+    name=$(basename "$st")
+    if [ -e "$data_dir/$name" ] || [ -e "$data_dir/$name.collect.json" ]; then
+      echo "kept $data_dir/$name (not replaced from $f)" >> "$LOG"
+    elif [ -f "$st.collect.json" ]; then
+      mv "$st" "$st.collect.json" "$data_dir/" && echo "unpacked $name from $f" >> "$LOG"
+    fi
+  done
+  rm -rf "$tmp"
+done
+{
+  echo "study $STUDY, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+  for m in metaworld gymnasium_robotics gym_aloha; do
+    python -c "import $m" 2>/dev/null && echo "simulator $m: ok" || echo "simulator $m: MISSING (its data must be carried)"
+  done
+  echo "setup: $(( $(date +%s) - t0 )) s"
+} >> "$STATUS"
+
+finished=()
+code=0  # 0: every row done; 3: some not done yet (call again); 1: a row failed
+for row in "$@"; do
+  now=$(date +%s)
+  left_min=$(python -c "print(round(($end - $now) / 60, 2))")
+  session=$(python -c "print(round($left_min - 0.75, 2))")
+  if python -c "import sys; sys.exit(0 if $session >= 1.5 else 1)"; then :; else
+    echo "$row: not started ($left_min min left in this call)" >> "$STATUS"
+    [ $code -eq 0 ] && code=3
+    continue
+  fi
+  echo "=== $row: session $session min (call time left $left_min min) ===" >> "$LOG"
+  r0=$(date +%s)
+  # the hard stop: the row's own deadline ends it ~30 s earlier (a paused training writes its checkpoint in that time)
+  timeout --signal=TERM --kill-after=10 $(( end - now - 15 )) \
+    python -m chunkpolicy.study.cli run "$row" --study "$STUDY" --session-minutes "$session" \
+    --eval-reserve-minutes "$EVAL_RESERVE_MIN" >> "$LOG" 2>&1
+  rc=$?
+  mins=$(python -c "print(round(($(date +%s) - $r0) / 60, 1))")
+  case $rc in
+    0) echo "$row: done ($mins min)" >> "$STATUS"; finished+=("$row") ;;
+    3) echo "$row: not done yet, session time up ($mins min); call again with the same rows" >> "$STATUS"
+       [ $code -eq 0 ] && code=3; break ;;
+    124|137) echo "$row: stopped by the call's time limit ($mins min); call again (it resumes)" >> "$STATUS"
+       [ $code -eq 0 ] && code=3; break ;;
+    *) echo "$row: FAILED with exit code $rc ($mins min); see study_gpu.log" >> "$STATUS"
+       tail -5 "$LOG" | sed 's/^/    /' >> "$STATUS"; code=1 ;;
+  esac
+done
+
+# results: the row JSONs and the small per-row records, never checkpoints, videos or TensorBoard event files
+files=$( { ls "$results_dir"/*.json 2>/dev/null
+           find runs/study/rows -maxdepth 4 -type f \( -name summary.json -o -name config.yaml -o -name metrics.jsonl \
+                -o -name init_from.json -o -name results.json -o -name train.log -o -name train.sessions.json \
+                -o -name chunkpolicy_study_train.json \) -not -path '*/checkpoints/*' 2>/dev/null
+           ls runs/study/data/*.collect.json 2>/dev/null; } )
+if [ -n "$files" ]; then
+  echo "$files" | tar czf "$OUT/study_results.tgz" -T - 2>> "$LOG"
+  size=$(stat -c %s "$OUT/study_results.tgz")
+  if [ "$size" -gt 15000000 ]; then  # the tool returns files up to 16 MiB: keep the row JSONs and summaries
+    echo "$files" | grep -v -e metrics.jsonl -e '/eval/' | tar czf "$OUT/study_results.tgz" -T - 2>> "$LOG"
+    echo "study_results.tgz: $size bytes with metrics and eval records; those were left out" >> "$STATUS"
+  fi
+fi
+n=0
+for row in "${finished[@]}"; do
+  [ $n -lt 4 ] && [ -f "$results_dir/$row.json" ] && cp "$results_dir/$row.json" "$OUT/" && n=$((n + 1))
+done
+echo "call: $(( $(date +%s) - t0 )) s, exit code $code" >> "$STATUS"
+cat "$STATUS"
+exit $code
