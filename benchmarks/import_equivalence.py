@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--out", default=None)
     p.add_argument("--reduced", action="store_true", help="the tests' reduced-size config (a CPU smoke test of this script)")
+    p.add_argument("--latency", action="store_true",
+                   help="also time the imported policy's chunk (bf16, batch 1, compile + CUDA graph) next to a policy of "
+                        "the library's default flow_expert layout with the same backbone, embodiment and prompt budget")
     args = p.parse_args(argv)
 
     import import_fixtures as fx
@@ -97,12 +100,50 @@ def main(argv: list[str] | None = None) -> int:
             got16 = our_chunk(ours, torch.bfloat16)
             res["bf16"] = {"ours_vs_lerobot": diff(got16, want16), "ours_vs_fp32": diff(got16, want32),
                            "lerobot_vs_fp32": diff(want16, want32)}
+        if args.latency:
+            res["latency"] = chunk_latency(ours, {k: v[:1] if isinstance(v, torch.Tensor) else v[:1] for k, v in
+                                                  {"images": imgs[:, :, None], "state": state, "prompt": tasks}.items()},
+                                           args.device)
     res["max_abs_diff"] = res["bf16" if args.dtype == "bfloat16" else "fp32"]["ours_vs_lerobot"]
     res["rel_diff"] = res["max_abs_diff"] / max(res["max_abs_action"], 1e-12)
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0
+
+
+def chunk_latency(imported, obs: dict, device: str, calls: int = 100) -> dict:
+    """Median / p90 ms of a whole chunk call (compile + CUDA graph, bf16, batch 1) for ``imported`` and for a
+    random-weight policy of the library's default flow_expert layout with the same backbone, space and prompt budget."""
+    import dataclasses
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from latency import timeit
+
+    from chunkpolicy.models.heads.configs import FlowExpertConfig
+    from chunkpolicy.models.policy import ChunkPolicy
+    from chunkpolicy.runtime.graphs import CudaGraphPolicy
+
+    if not device.startswith("cuda"):
+        return {"skipped": "CUDA graphs need a GPU"}
+    own = ChunkPolicy(dataclasses.replace(imported.config, head=FlowExpertConfig()), imported.space,
+                      imported.normalizer.stats, tokenizer=imported.tokenizer)
+    n_cam = obs["images"].shape[1]
+    batch = {"images": obs["images"].to(device), "image_mask": torch.ones(1, n_cam, dtype=torch.bool, device=device),
+             "state": imported.space.pad(obs["state"], 0, "state")[:, None].to(device), "prompt": list(obs["prompt"]),
+             "embodiment": torch.zeros(1, dtype=torch.long, device=device)}
+    out = {}
+    for name, policy in (("imported", imported), ("default_layout", own)):
+        policy = policy.to(device, torch.bfloat16).eval()
+        t = time.time()
+        graphed = CudaGraphPolicy(policy, batch, compile=True)
+        out[name] = {**timeit(lambda: graphed(batch), calls, 5, device), "build_s": round(time.time() - t, 1),
+                     "head": dataclasses.asdict(policy.config.head)}
+        graphed = None  # frees the graph before the next one is captured
+        policy.cpu()
+        torch.cuda.empty_cache()
+    print(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":
