@@ -107,6 +107,14 @@ class TrainConfig:
     output_dir: str = "runs/default"
     cpu: bool = False  # force CPU even when a GPU is present
     find_unused_parameters: Optional[bool] = None  # DDP; None: detected from one probe step on the first batch
+    # several processes: "ddp" (replicated weights, gradients all-reduced) | "fsdp" (FSDP2: weights, gradients and
+    # AdamW moments sharded per transformer layer; chunkpolicy.training.fsdp); fsdp needs 2+ processes
+    distributed: str = "ddp"
+    fsdp_reshard_after_forward: bool = True  # fsdp: free gathered layers after forward (re-gathered in backward)
+    # DDP knobs (torch's DistributedDataParallel arguments through accelerate); defaults are torch's
+    ddp_bucket_cap_mb: Optional[float] = None  # None: torch's 25 MB
+    ddp_static_graph: bool = False
+    ddp_gradient_as_bucket_view: bool = False
     progress: bool = True
     compile: bool = False  # torch.compile the model's per-layer training work (ChunkPolicy.compile_layers)
     cuda_graph: bool = False  # one GPU: the whole step (forward, backward, clipping, AdamW) as one CUDA graph
@@ -445,6 +453,28 @@ def _need(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+DISTRIBUTED = ("ddp", "fsdp")
+
+
+def _check_distributed(t: TrainConfig, pt: PosttrainConfig) -> None:
+    """``train.distributed`` and the DDP knobs; what FSDP does not support yet is refused here, by name."""
+    _need(t.distributed in DISTRIBUTED, "train.distributed", f"must be one of {DISTRIBUTED}, got {t.distributed!r}")
+    _need(t.ddp_bucket_cap_mb is None or t.ddp_bucket_cap_mb > 0, "train.ddp_bucket_cap_mb",
+          f"must be > 0 (or null: torch's default), got {t.ddp_bucket_cap_mb}")
+    if t.distributed != "fsdp":
+        return
+    fsdp = "with train.distributed=fsdp"
+    _need(not t.cuda_graph, "train.cuda_graph", f"not supported {fsdp} (the graphed step is one process, unsharded)")
+    _need(not t.compile, "train.compile", f"not supported {fsdp} yet (compiled layers are not sharded)")
+    _need(t.precision == "fp32", "train.precision", f"must be 'fp32' {fsdp} (sharded fp32 master weights; "
+          "train.mixed_precision=bf16 gathers them in bf16)")
+    _need(pt.mode != "lora", "posttrain.mode", f"'lora' is not supported {fsdp} yet (use ddp for LoRA)")
+    _need(t.probe_every == 0, "train.probe_every", f"must be 0 {fsdp} (the eager probe runs one process alone)")
+    _need(t.find_unused_parameters is None, "train.find_unused_parameters", f"is a DDP option; leave it null {fsdp}")
+    for k, default in (("ddp_bucket_cap_mb", None), ("ddp_static_graph", False), ("ddp_gradient_as_bucket_view", False)):
+        _need(getattr(t, k) == default, f"train.{k}", f"is a DDP option; leave it at {default} {fsdp}")
+
+
 def is_store(path: Path) -> bool:
     return path.is_dir() and (path / "zarr.json").is_file()
 
@@ -544,6 +574,7 @@ def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
         check_trackers(t.log_with)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_distributed(t, pt)
     _need(t.schedule_over in SCHEDULE_OVER, "train.schedule_over", f"must be one of {SCHEDULE_OVER}, got {t.schedule_over!r}")
     _need(t.schedule_over != "time" or t.max_minutes is not None, "train.schedule_over",
           "'time' needs train.max_minutes (the schedule's length)")

@@ -11,6 +11,8 @@ Layout of ``RUN/checkpoints/step_000100/``::
         optimizer.safetensors    AdamW moments and step counts
         ema.safetensors          EMA shadow of the trainable parameters (when EMA is on)
         rng_rank{r}.safetensors  torch CPU/CUDA generator states; python and numpy states in its metadata
+        sharded/                 FSDP runs only, instead of the three tensor files above: a torch.distributed.checkpoint
+                                 directory (each process's shards, .metadata); state.json then has extra.sharded = true
 
 The policy files are what the trainer's ``export_fn`` writes (:func:`default_export` for a model without
 ``save_pretrained``); ``training_state/`` is filled by :mod:`chunkpolicy.training.train_state`.
@@ -192,14 +194,18 @@ class TrainingState:
 def write_training_state(
     state_dir: Path,
     state: TrainingState,
-    trainable: dict[str, torch.Tensor],
-    optimizer_tensors: dict[str, torch.Tensor],
-    optimizer_meta: str,
+    trainable: dict[str, torch.Tensor] | None,
+    optimizer_tensors: dict[str, torch.Tensor] | None,
+    optimizer_meta: str | None,
     ema: dict[str, torch.Tensor] | None,
 ) -> None:
+    """``state.json`` and the tensor files; ``trainable`` / ``optimizer_tensors`` None: only ``state.json`` (an FSDP
+    run's tensors are in ``sharded/``, written by every process before this)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(state_dir / "trainable.safetensors"))
-    save_file(optimizer_tensors, str(state_dir / "optimizer.safetensors"), metadata={"meta": optimizer_meta})
+    if trainable is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(state_dir / "trainable.safetensors"))
+    if optimizer_tensors is not None:
+        save_file(optimizer_tensors, str(state_dir / "optimizer.safetensors"), metadata={"meta": optimizer_meta or ""})
     if ema is not None:
         save_file(ema, str(state_dir / "ema.safetensors"))
     doc = {"format_version": STATE_FORMAT_VERSION, **state.__dict__}
@@ -207,16 +213,24 @@ def write_training_state(
         tmp.write_text(json.dumps(doc, indent=2))
 
 
-def read_training_state(ckpt: Path) -> tuple[TrainingState, dict[str, torch.Tensor], dict[str, torch.Tensor], str, dict[str, torch.Tensor] | None]:
-    from safetensors import safe_open
-
+def read_state_json(ckpt: Path) -> TrainingState:
+    """``training_state/state.json`` of checkpoint ``ckpt`` (checked format version)."""
     sd = Path(ckpt) / STATE_DIR
     if not (sd / "state.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no {STATE_DIR}/state.json (not a training checkpoint)")
     doc = read_json(sd / "state.json")
     if doc.pop("format_version", None) != STATE_FORMAT_VERSION:
         raise ValueError(f"{ckpt}: training state format is not {STATE_FORMAT_VERSION}")
-    state = TrainingState(**doc)
+    return TrainingState(**doc)
+
+
+def read_training_state(ckpt: Path) -> tuple[TrainingState, dict[str, torch.Tensor], dict[str, torch.Tensor], str, dict[str, torch.Tensor] | None]:
+    from safetensors import safe_open
+
+    sd = Path(ckpt) / STATE_DIR
+    state = read_state_json(ckpt)
+    if state.extra.get("sharded"):
+        raise ValueError(f"{ckpt}: its training state is sharded (FSDP); resume it with train.distributed=fsdp")
     trainable = load_file(str(sd / "trainable.safetensors"))
     with safe_open(str(sd / "optimizer.safetensors"), framework="pt") as f:
         meta = f.metadata()["meta"]

@@ -45,10 +45,17 @@ def make_accelerator(cfg: Any):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    ddp: dict[str, Any] = {"find_unused_parameters": bool(cfg.find_unused_parameters)}
+    if getattr(cfg, "ddp_bucket_cap_mb", None) is not None:  # None keeps torch's default
+        ddp["bucket_cap_mb"] = int(cfg.ddp_bucket_cap_mb) if float(cfg.ddp_bucket_cap_mb).is_integer() \
+            else float(cfg.ddp_bucket_cap_mb)
+    if getattr(cfg, "ddp_static_graph", False):
+        ddp["static_graph"] = True
+    if getattr(cfg, "ddp_gradient_as_bucket_view", False):
+        ddp["gradient_as_bucket_view"] = True
     return Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(cfg.find_unused_parameters))],
-        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(**ddp)], step_scheduler_with_optimizer=False,
     )
 
 

@@ -90,13 +90,18 @@ class NonFiniteGuard:
             self.session.pbar.write(f"step {step}: non-finite probe ({rec['reproduced']}/{rec['repeats']} replays "
                                     f"non-finite): {where}; report {rec['report']}")
 
+    def _weights_finite(self) -> bool:
+        """Whether every trainable weight is finite (the trainer checks all shards together under FSDP, so that every
+        process takes the same decision)."""
+        return weights_finite(self.state.trainable)
+
     def _recover(self, reason: str) -> None:
         """Roll back to the latest checkpoint with a lower learning rate, or stop (see the module docstring)."""
         st, s, cfg = self.state, self.session, self.cfg
         st.rollbacks += 1
         if st.rollbacks > cfg.max_rollbacks:
             latest = self.manager.latest()
-            if latest is None and weights_finite(st.trainable):  # skipped steps left the last good step's weights
+            if latest is None and self._weights_finite():  # skipped steps left the last good step's weights
                 s.last_ckpt = self._timed(self.save_checkpoint)
                 latest = s.last_ckpt
             st.rollbacks -= 1  # the rollbacks done

@@ -4,6 +4,10 @@
 EMA, the non-finite guard's counters under ``extra["guard"]``, the training time); :func:`load_train_state` puts it
 back into a freshly built :class:`TrainState`, after checking that the checkpoint fits this run. The file format is
 :mod:`chunkpolicy.training.checkpoint`'s; the model export beside it is the trainer's ``export_fn``.
+
+FSDP runs (``train.distributed=fsdp``) use :func:`save_sharded_train_state` / :func:`load_sharded_train_state`: the
+same ``state.json`` (with ``extra["sharded"] = true``), the tensors in ``training_state/sharded/`` as a
+``torch.distributed.checkpoint`` directory (:mod:`chunkpolicy.training.fsdp`) instead of the safetensors files.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from chunkpolicy.training.optim import (
     optimizer_state_from_tensors, optimizer_state_to_tensors, plain_numbers, schedule_of, set_lrs,
 )
 
-__all__ = ["TrainState", "load_train_state", "save_train_state"]
+__all__ = ["TrainState", "load_train_state", "save_train_state", "load_sharded_train_state", "save_sharded_train_state"]
 
 
 @dataclass
@@ -61,9 +65,7 @@ def load_train_state(st: TrainState, ckpt: Path, trainable: dict[str, nn.Paramet
     """Restore checkpoint ``ckpt`` into ``st`` (in place), the ``trainable`` parameters (by name) and this process's
     random generators; the learning rates are set from the restored schedule."""
     state, saved, opt_t, opt_meta, ema = read_training_state(ckpt)
-    if state.world_size != world:
-        raise ValueError(f"{ckpt}: saved with {state.world_size} processes, resuming with {world}; "
-                         "exact data-order resume needs the same number")
+    _check_layout(ckpt, state, world, sharded=False)
     missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
     if missing or extra:
         raise ValueError(f"{ckpt}: trainable parameters differ from this run's model: missing {missing[:5]}, "
@@ -79,6 +81,20 @@ def load_train_state(st: TrainState, ckpt: Path, trainable: dict[str, nn.Paramet
         if ema is None:
             raise ValueError(f"{ckpt}: has no EMA state but train.ema_decay={ema_decay}")
         st.ema.load_state_dict(ema, state.ema_updates)
+    _restore_counters(st, state, ckpt, rank)
+
+
+def _check_layout(ckpt: Path, state: TrainingState, world: int, *, sharded: bool) -> None:
+    if state.world_size != world:
+        raise ValueError(f"{ckpt}: saved with {state.world_size} processes, resuming with {world}; "
+                         "exact data-order resume needs the same number")
+    if bool(state.extra.get("sharded", False)) != sharded:
+        raise ValueError(f"{ckpt}: its training state is {'sharded (FSDP)' if not sharded else 'not sharded'}; "
+                         f"resume it with train.distributed={'fsdp' if not sharded else 'ddp'}")
+
+
+def _restore_counters(st: TrainState, state: TrainingState, ckpt: Path, rank: int) -> None:
+    """Counters, schedule, guard state, learning rates and this process's RNGs from ``state``."""
     st.step, st.epoch, st.position = state.step, state.epoch, state.position
     st.samples_seen, st.elapsed_before = state.samples_seen, state.elapsed_s
     guard = state.extra.get("guard", {})
@@ -98,7 +114,15 @@ def save_train_state(state_dir: Path, st: TrainState, trainable: dict[str, nn.Pa
     (the sampler's position is in samples); ``session_start``: ``perf_counter`` time this session began;
     ``train_time()``: training seconds of the run so far."""
     opt_t, opt_meta = optimizer_state_to_tensors(st.optimizer.state_dict())
-    state = TrainingState(
+    state = _training_state(st, world=world, micro_batch=micro_batch, session_start=session_start,
+                            train_time=train_time)
+    write_training_state(state_dir, state, trainable, opt_t, opt_meta,
+                         st.ema.state_dict() if st.ema is not None else None)
+
+
+def _training_state(st: TrainState, *, world: int, micro_batch: int, session_start: float,
+                    train_time: Callable[[], float]) -> TrainingState:
+    return TrainingState(
         step=st.step, epoch=st.epoch, position=st.position, samples_seen=st.samples_seen,
         world_size=world, scheduler=plain_numbers(st.scheduler.state_dict()),
         ema_updates=st.ema.num_updates if st.ema is not None else 0,
@@ -108,5 +132,38 @@ def save_train_state(state_dir: Path, st: TrainState, trainable: dict[str, nn.Pa
                "guard": {"lr_scale": schedule_of(st.scheduler).scale, "rollbacks": st.rollbacks,
                          "skipped_steps": int(st.skip_count.item()), "skip_streak": int(st.skip_streak.item())}},
     )
-    write_training_state(state_dir, state, trainable, opt_t, opt_meta,
-                         st.ema.state_dict() if st.ema is not None else None)
+
+
+def save_sharded_train_state(state_dir: Path, st: TrainState, model: nn.Module, trainable: list[str], *, world: int,
+                             micro_batch: int, session_start: float, train_time: Callable[[], float],
+                             is_main: bool) -> None:
+    """FSDP: every process writes its shards of the trainable parameters (``trainable``: their names in ``model``),
+    the optimizer state and the EMA shadow into ``state_dir/sharded`` (collective); then process 0 writes
+    ``state.json``, last, so its presence still marks a complete state (the other arguments as in
+    :func:`save_train_state`)."""
+    from chunkpolicy.training.fsdp import SHARDED_DIR, save_sharded
+
+    save_sharded(state_dir / SHARDED_DIR, model, getattr(st.optimizer, "optimizer", st.optimizer), trainable,
+                 st.ema.shadow if st.ema is not None else None)
+    if is_main:
+        state = _training_state(st, world=world, micro_batch=micro_batch, session_start=session_start,
+                                train_time=train_time)
+        state.extra["sharded"] = True
+        write_training_state(state_dir, state, None, None, None, None)
+
+
+def load_sharded_train_state(st: TrainState, ckpt: Path, model: nn.Module, trainable: list[str], *, world: int,
+                             rank: int, ema_decay: float) -> None:
+    """FSDP: restore checkpoint ``ckpt`` (written by :func:`save_sharded_train_state`) into ``st`` and the sharded
+    ``model`` (in place; collective)."""
+    from chunkpolicy.training.checkpoint import read_state_json
+    from chunkpolicy.training.fsdp import SHARDED_DIR, load_sharded
+
+    state = read_state_json(ckpt)
+    _check_layout(ckpt, state, world, sharded=True)
+    load_sharded(ckpt / STATE_DIR / SHARDED_DIR, model, getattr(st.optimizer, "optimizer", st.optimizer), trainable,
+                 st.ema.shadow if st.ema is not None else None, what=f"{ckpt} (train.ema_decay={ema_decay})")
+    st.scheduler.load_state_dict(state.scheduler)
+    if st.ema is not None:
+        st.ema.num_updates = int(state.ema_updates)
+    _restore_counters(st, state, ckpt, rank)

@@ -1,4 +1,6 @@
-"""The training loop, on ``accelerate``: the same code on CPU, one GPU, or DDP over several (``accelerate launch``).
+"""The training loop, on ``accelerate``: the same code on CPU, one GPU, or several (``accelerate launch``) with DDP or,
+with ``train.distributed=fsdp``, FSDP2 (:mod:`~chunkpolicy.training.fsdp`: per-layer sharding, sharded checkpoints
+with a consolidated policy export; the eager step is the same, only the wrapper and the checkpoint I/O differ).
 
 It trains any module with ``compute_loss(batch) -> {"loss": scalar, ...}`` (a :class:`ChunkPolicy`, or a stand-in in
 tests). Per optimizer step: ``grad_accum`` micro-batches (bf16 autocast when ``mixed_precision="bf16"``), gradient
@@ -61,13 +63,18 @@ from chunkpolicy.training.run_config import write_run_config
 from chunkpolicy.training.diagnostics import HEALTH_KEYS, optimizer_health
 from chunkpolicy.training.ema import EMA
 from chunkpolicy.training.distributed import LossModule, ShardedBatchSampler, make_accelerator, to_device, unused_parameters
-from chunkpolicy.training.guard import NonFiniteGuard, TrainingDiverged, weights_finite
+from chunkpolicy.training.guard import NonFiniteGuard, TrainingDiverged
 from chunkpolicy.training.metrics import MetricsLog
 from chunkpolicy.training.optim import (
     LRSchedule, apply_precision, build_optimizer, build_scheduler, precision_label, tensor_lrs,
 )
 from chunkpolicy.training.summary import fmt_time, print_summary, run_summary, startup_breakdown, write_summary
-from chunkpolicy.training.train_state import TrainState, load_train_state, save_train_state
+from chunkpolicy.training.fsdp import (
+    FSDPLossModule, local_norm, reshard_all, sharded_finite, sharded_optimizer_health,
+)
+from chunkpolicy.training.train_state import (
+    TrainState, load_sharded_train_state, load_train_state, save_sharded_train_state, save_train_state,
+)
 from chunkpolicy.training.validation import validation_loss
 
 __all__ = ["Trainer", "TrainState", "StepOutput", "TrainingDiverged", "LossModule", "ShardedBatchSampler", "make_accelerator", "to_device",
@@ -152,7 +159,11 @@ class Trainer(NonFiniteGuard):
         from accelerate.utils import DistributedType
 
         if self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise NotImplementedError(f"{self.acc.distributed_type}: only single-process and DDP runs are supported")
+            raise NotImplementedError(f"{self.acc.distributed_type} from the accelerate config: not supported; launch "
+                                      "plain processes and set train.distributed=fsdp for sharded training")
+        self.fsdp = getattr(cfg, "distributed", "ddp") == "fsdp"
+        if self.fsdp and self.acc.num_processes < 2:
+            raise ValueError("train.distributed=fsdp needs several processes (accelerate launch --num_processes N ...)")
         self.run_dir = Path(run_dir or cfg.output_dir)
         self.resume = resume
         self.export_fn = export_fn or default_export
@@ -221,7 +232,8 @@ class Trainer(NonFiniteGuard):
         self.model.to(dev)
         apply_precision(self.model, precision, verbose=self.is_main)
         self.model.train()
-        if self.world > 1 and getattr(cfg, "find_unused_parameters", None) is None and acc.ddp_handler is not None:
+        if (self.world > 1 and not self.fsdp and getattr(cfg, "find_unused_parameters", None) is None
+                and acc.ddp_handler is not None):
             unused = self.unused_parameters()
             acc.ddp_handler.find_unused_parameters = bool(unused)
             if unused and self.is_main:
@@ -236,6 +248,8 @@ class Trainer(NonFiniteGuard):
             if not hasattr(self.model, "compile_layers"):
                 raise ValueError(f"train.compile: {type(self.model).__name__} has no compile_layers()")
             self.model.compile_layers()
+        if self.fsdp:  # before the optimizer: it is built on the sharded parameters
+            self._shard()
         optimizer = build_optimizer(self.model, cfg.lr, tuple(cfg.betas), cfg.eps, cfg.weight_decay, capturable=graphed)
         over = getattr(cfg, "schedule_over", "steps")
         budget = self._budget_s()
@@ -244,6 +258,8 @@ class Trainer(NonFiniteGuard):
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.final_lr, schedule=schedule)
         if graphed:  # the graph replaces accelerate's backward/step; one process, so there is nothing to wrap
             wrapper: nn.Module = self.model
+        elif self.fsdp:  # sharded already; accelerate wraps the optimizer (its accumulation window) only
+            wrapper, optimizer = FSDPLossModule(self.model, acc.autocast), acc.prepare(optimizer)
         else:
             wrapper, optimizer = acc.prepare(LossModule(self.model), optimizer)
         ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -271,18 +287,62 @@ class Trainer(NonFiniteGuard):
         st.n_params = sum(p.numel() for p in self.model.parameters())
         if self.is_main:
             print(f"training {st.n_trainable:,} of {st.n_params:,} parameters on {self.world} × {dev.type} "
-                  f"(weights and AdamW moments: {precision_label(precision)}, mixed precision: {cfg.mixed_precision}); "
+                  f"(weights and AdamW moments: {precision_label(precision)}, mixed precision: {cfg.mixed_precision}"
+                  f"{', FSDP' if self.fsdp else ''}); "
                   f"global batch {self.global_batch} "
                   f"= {cfg.batch_size} × {self.world} processes × {cfg.grad_accum} accumulation")
         return st
 
+    def _shard(self) -> None:
+        """FSDP: shard the model per transformer layer (:func:`~chunkpolicy.training.fsdp.shard_model`), its units
+        found by one probe forward on the first two training samples (the RNG forked: build-time draws stay as in
+        an unsharded run)."""
+        from torch.utils.data import default_collate
+
+        from chunkpolicy.training.fsdp import shard_model
+
+        dev = self.acc.device
+        n = min(2, len(self.train_set))  # type: ignore[arg-type]
+        batch = to_device((self.collate_fn or default_collate)([self.train_set[i] for i in range(n)]), dev)
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+
+        def probe(grad: bool) -> None:
+            self.model.train(grad)  # validation runs the model in eval mode without gradients
+            with torch.random.fork_rng(devices=devices), self.acc.autocast(), torch.set_grad_enabled(grad):
+                loss = self.model.compute_loss(batch)["loss"]
+                if grad:
+                    loss.backward()
+            self.model.train()
+
+        info = shard_model(self.model, probe, device=dev, mixed_precision=self.cfg.mixed_precision,
+                           reshard_after_forward=bool(getattr(self.cfg, "fsdp_reshard_after_forward", True)))
+        if self.is_main:
+            print(f"FSDP: {info['groups']} per-layer units over {self.world} processes; {len(info['root_params'])} of "
+                  f"{info['params']} parameter tensors in the root unit"
+                  + ("; the eager probe of skipped steps (train.probe_nonfinite) does not run under FSDP"
+                     if self.cfg.probe_nonfinite else ""))
+
+    def _weights_finite(self) -> bool:
+        return sharded_finite(self.state.trainable) if self.fsdp else super()._weights_finite()
+
+    def _probe(self, step: int, kind: str) -> None:
+        if self.fsdp:  # the eager replay runs one process's batch alone: under FSDP it would wait on the others
+            return
+        super()._probe(step, kind)
+
     def _load(self, st: TrainState, ckpt: Path) -> None:
+        if self.fsdp:
+            load_sharded_train_state(st, ckpt, self.model, list(self._trainable()), world=self.world, rank=self.rank,
+                                     ema_decay=self.cfg.ema_decay)
+            return
         load_train_state(st, ckpt, self._trainable(), world=self.world, rank=self.rank, ema_decay=self.cfg.ema_decay)
 
     def save_checkpoint(self) -> Path:
         """``checkpoints/step_XXXXXX``: the exported model (EMA weights when EMA is on) and ``training_state/``,
         written into a temp dir and committed; ``loss.png`` redrawn."""
         acc, st = self.acc, self.state
+        if self.fsdp:
+            return self._save_sharded_checkpoint()
         acc.wait_for_everyone()
         tmp = self.manager.dir / f".step_{st.step:06d}.tmp"
         if self.is_main:
@@ -294,6 +354,12 @@ class Trainer(NonFiniteGuard):
                              train_time=self._train_time)
         acc.wait_for_everyone()
         save_rng(tmp / STATE_DIR, self.rank)
+        return self._commit_checkpoint(tmp)
+
+    def _commit_checkpoint(self, tmp: Path) -> Path:
+        """Once every process has written into ``tmp``: process 0 renames it into ``step_XXXXXX`` (atomic) and redraws
+        ``loss.png``; the test hook may then kill the process."""
+        acc, st = self.acc, self.state
         acc.wait_for_everyone()
         final = self.manager.dir / f"step_{st.step:06d}"
         if self.is_main:
@@ -304,6 +370,32 @@ class Trainer(NonFiniteGuard):
         if os.environ.get(KILL_ENV) == str(st.step):
             os.kill(os.getpid(), signal.SIGKILL)
         return final
+
+    def _save_sharded_checkpoint(self) -> Path:
+        """FSDP: the same checkpoint dir, written by every process into the same temp dir and committed by process
+        0 once all are done: the consolidated policy (EMA weights gathered onto process 0, exported there), the
+        sharded training state (:func:`~chunkpolicy.training.train_state.save_sharded_train_state`), the RNGs."""
+        from chunkpolicy.training.fsdp import consolidated, full_state_dict
+
+        acc, st = self.acc, self.state
+        reshard_all(self.model)  # the EMA swap and the state dicts work on the shards
+        acc.wait_for_everyone()
+        tmp = self.manager.dir / f".step_{st.step:06d}.tmp"
+        if self.is_main:
+            tmp = self.manager.temp_dir(st.step)
+        acc.wait_for_everyone()  # the temp dir is fresh before anyone writes into it
+        with st.ema.apply_to(self.model) if st.ema is not None else nullcontext():
+            full = full_state_dict(self.model)  # collective
+        if self.is_main:
+            with consolidated(self.model, full):
+                self.export_fn(self.model, tmp)
+        del full
+        acc.wait_for_everyone()  # the export writes the temp dir as a whole (save_pretrained renames it into place)
+        save_rng(tmp / STATE_DIR, self.rank)  # before the collective save: state.json, written last, follows both
+        save_sharded_train_state(tmp / STATE_DIR, st, self.model, list(self._trainable()), world=self.world,
+                                 micro_batch=self.cfg.batch_size * self.world, session_start=self.session.t_start,
+                                 train_time=self._train_time, is_main=self.is_main)
+        return self._commit_checkpoint(tmp)
 
     # -- one optimizer step ---------------------------------------------------------------------------------------
     def _micro_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -332,6 +424,8 @@ class Trainer(NonFiniteGuard):
                     gnorm = acc.clip_grad_norm_(st.trainable, cfg.grad_clip)
                 else:
                     gnorm = torch.nn.utils.get_total_norm([p.grad for p in st.trainable if p.grad is not None])
+                if self.fsdp:  # the norm of sharded gradients comes back as a replicated DTensor
+                    gnorm = local_norm(gnorm)
                 skipped = (self._window_bad | ~torch.isfinite(gnorm)).float()
                 if self.world > 1:  # every process must take the same decision (losses differ per process)
                     skipped = acc.reduce(skipped, "sum").clamp_(max=1.0)
@@ -393,7 +487,10 @@ class Trainer(NonFiniteGuard):
         st = self.state
         if st.val_loader is None:
             return None
-        return validation_loss(self.model, st.val_loader, st.ema, self.acc, seed=self.cfg.seed + 7919 + self.rank)
+        loss = validation_loss(self.model, st.val_loader, st.ema, self.acc, seed=self.cfg.seed + 7919 + self.rank)
+        if self.fsdp:  # a forward without backward leaves units gathered
+            reshard_all(self.model)
+        return loss
 
     # -- cadence: logging, validation, checkpoints ----------------------------------------------------------------
     def _due(self, every: int) -> bool:
@@ -409,7 +506,8 @@ class Trainer(NonFiniteGuard):
         # the one host sync of the interval: loss, gradient norm and the guard's counters together
         parts = [mean.float(), good.float(), s.grad_norm.float().reshape(()), st.skip_count, st.skip_streak]
         if self.cfg.log_health:
-            parts += list(optimizer_health(st.optimizer, st.device))
+            health_fn = sharded_optimizer_health if self.fsdp else optimizer_health
+            parts += list(health_fn(st.optimizer, st.device))
         values = torch.cat([torch.stack(parts), st.recent_skips]).tolist()
         st.recent_skips.zero_()
         loss, good, gnorm, skipped_total, streak = values[:5]
@@ -461,7 +559,7 @@ class Trainer(NonFiniteGuard):
 
     def _checkpoint(self) -> bool:
         """Save a checkpoint, from finite weights only (else the guard rolls back); True when it rolled back."""
-        if not weights_finite(self.state.trainable):
+        if not self._weights_finite():
             self._recover("the weights are not finite")
             return True
         self.session.last_ckpt = self._timed(self.save_checkpoint)
