@@ -9,6 +9,9 @@ Variants: each backend alone (``cudnn`` can only be forced with grouped-query at
 
     python benchmarks/attention_backward_nan.py --checkpoint runs/long/seed0/checkpoints/step_030000 \\
         --batches 'runs/long/seed*/nonfinite/*_batch.pt' --out attention_backward_nan.json
+
+A run that skipped no step (one trained after the fix) saved no batches: ``--from-run RUN --num-batches N`` draws N
+fresh training batches from that run's data instead (its config.yaml; the space and stats of its latest checkpoint).
 """
 
 from __future__ import annotations
@@ -26,6 +29,20 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def run_batches(run: Path, n: int, seed: int) -> list[dict]:
+    """``n`` training batches (the run's batch size) of windows drawn uniformly from the run's training split, built
+    as its trainer builds them (config.yaml; space and stats of its latest checkpoint)."""
+    from chunkpolicy.config import load_config
+    from chunkpolicy.data.collate import collate_windows
+    from chunkpolicy.training.experiment import prepare
+
+    cfg = load_config(run / "config.yaml")
+    data = prepare(cfg, resume=True, log=lambda _msg: None)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(data.train_set), (n, cfg.train.batch_size), generator=g)
+    return [collate_windows([data.train_set[int(i)] for i in row]) for row in idx]
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,17 +52,26 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoints/step_XXXXXX dir of a training run")
-    p.add_argument("--batches", required=True, help="glob of *_batch.pt files saved by the non-finite probe")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--batches", help="glob of *_batch.pt files saved by the non-finite probe")
+    src.add_argument("--from-run", help="a training run dir: draw --num-batches fresh training batches from its data "
+                                        "(config.yaml, the resumed space and stats) instead")
+    p.add_argument("--num-batches", type=int, default=9, help="with --from-run")
+    p.add_argument("--batch-seed", type=int, default=0, help="with --from-run: which windows are drawn")
     p.add_argument("--draws", type=int, default=4, help="noise draws per batch")
     p.add_argument("--out", default="attention_backward_nan.json")
     a = p.parse_args(argv)
     policy = ChunkPolicy.from_pretrained(a.checkpoint).cuda().train()
     policy.load_state_dict(load_file(f"{a.checkpoint}/training_state/trainable.safetensors"), strict=False)
     params = [q for q in policy.parameters() if q.requires_grad]
-    files = sorted(glob.glob(a.batches))
-    if not files:
-        raise SystemExit(f"--batches: no file matches {a.batches!r}")
-    batches = [to_device(torch.load(f)[0], torch.device("cuda")) for f in files]
+    if a.batches:
+        files = sorted(glob.glob(a.batches))
+        if not files:
+            raise SystemExit(f"--batches: no file matches {a.batches!r}")
+        batches = [to_device(torch.load(f)[0], torch.device("cuda")) for f in files]
+    else:
+        files = [f"{a.from_run}: {a.num_batches} batches, seed {a.batch_seed}"]
+        batches = [to_device(b, torch.device("cuda")) for b in run_batches(Path(a.from_run), a.num_batches, a.batch_seed)]
     sdpa = F.scaled_dot_product_attention
 
     def finite_mask(q, k, v, attn_mask=None, **kw):
