@@ -26,16 +26,16 @@
 # it: a row whose init_from_row / from_row checkpoint is missing trains it again first (its GPU time is counted). The
 # lease plan in configs/study/issue16.yaml's header groups the rows that way.
 #
-# Simulators: Meta-World comes from .simpkgs (gpu_env.sh). Fetch (gymnasium-robotics) and ALOHA (gym-aloha +
-# dm-control, 116 MB installed) are not on the host image and too large to carry as they are; any further *.tar.xz
-# in .simpkgs (a pruned site-packages tree, like metaworld_pruned.tar.xz) is unpacked into site-packages here. For 4c
+# Simulators: Meta-World and ALOHA come from .simpkgs (gpu_env.sh unpacks every .simpkgs/*.tar.xz into site-packages:
+# metaworld_pruned.tar.xz, and aloha_pruned.tar.xz = gym-aloha with the part of dm-control its tasks run on, built by
+# scripts/build_aloha_pruned.sh). Fetch (gymnasium-robotics) is not on the host image. For 4c
 # it is enough to carry the Fetch and ALOHA stores instead (ALOHA is only pretraining data there), collected on the
 # CPU machine and packed small (the runner reuses a finished collection: store + .collect.json marker):
 #   chunkpolicy study collect fetch aloha_4c --study configs/study/issue16.yaml
 #   tar cJf runs/study/data/xemb_sims.tar.xz -C runs/study/data fetch.zarr fetch.zarr.collect.json \
 #       aloha_4c.zarr aloha_4c.zarr.collect.json
 # and add runs/study/data/xemb_sims.tar.xz to carry: every runs/study/data/*.tar.xz is unpacked here (stores already
-# there are kept). 4a's ALOHA rows need the simulator itself (their evaluation). status.txt lists what imports.
+# there are kept). 4a's ALOHA rows use the simulator itself (collection and evaluation). status.txt lists what imports.
 #
 # Settings (environment): STUDY (default configs/study/issue16.yaml), CALL_MIN (minutes this call may use, default
 # 9.3), EVAL_RESERVE_MIN (minutes an evaluation and the latency need before one may start, default 3.5: more than
@@ -53,10 +53,6 @@ STATUS="$OUT/status.txt"
 if [ $# -eq 0 ]; then echo "usage: bash benchmarks/study_gpu.sh ROW [ROW ...]" >&2; exit 2; fi
 
 source benchmarks/gpu_env.sh >> "$LOG" 2>&1
-site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-for f in .simpkgs/*.tar.xz; do
-  [ -f "$f" ] && [ "$(basename "$f")" != metaworld_pruned.tar.xz ] && tar xJf "$f" -C "$site"
-done
 end=$(python -c "print(int($t0 + 60 * $CALL_MIN))")
 results_dir=$(python -c "from chunkpolicy.study.config import load_study; print(load_study('$STUDY').results_dir)" 2>>"$LOG")
 data_dir=$(python -c "from chunkpolicy.study.config import load_study; print(load_study('$STUDY').out_dir / 'data')" 2>>"$LOG")
