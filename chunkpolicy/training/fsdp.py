@@ -195,7 +195,10 @@ def sharded_finite(params: list[torch.Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
 
     local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in params]
-    ok = torch.stack([torch.isfinite(t).all() for t in local]).all().float() if local else torch.ones(())
+    if local:
+        ok = torch.stack([torch.isfinite(t).all() for t in local]).all().float()
+    else:  # no shard here: vote "finite", on the device the backend reduces on (NCCL: the current GPU)
+        ok = torch.ones((), device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok)
 
