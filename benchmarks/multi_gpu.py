@@ -31,7 +31,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -123,23 +122,13 @@ def measure(args, acc, mode: str) -> dict[str, Any]:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_throughput import timed_steps
+
     policy, wrapper, opt, ema, batches = build(args, acc, mode)
     params = [p for p in policy.parameters() if p.requires_grad]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t = time.perf_counter()
-        loss = wrapper(batches[i % len(batches)])["loss"]
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(policy)
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
+    times, loss = timed_steps(acc, wrapper, opt, ema, policy, params, batches, args.warmup, args.steps, sync)
     step = acc.gather(torch.tensor([statistics.mean(times)], device=dev)).max().item()
     peak = torch.tensor([torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")], device=dev)
     peaks = [x if x == x else None for x in acc.gather(peak).tolist()]  # None: not a GPU

@@ -32,6 +32,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def timed_steps(acc, wrapper, opt, ema, policy, params, batches, warmup: int, steps: int, sync) -> tuple[list[float], object]:
+    """Seconds of each of ``steps`` whole optimizer steps (forward, backward, clip, AdamW, EMA) after ``warmup``,
+    and the last step's loss."""
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        t = time.perf_counter()
+        loss = wrapper(batches[i % len(batches)])["loss"]
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(policy)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times, loss
+
+
 def synthetic_batch(space, B: int, H: int, n_cam: int, size: int, device, g):
     import torch
 
@@ -88,20 +108,7 @@ def run_synthetic(args) -> dict:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t = time.perf_counter()
-        loss = wrapper(batches[i % len(batches)])["loss"]
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(policy)
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
+    times, loss = timed_steps(acc, wrapper, opt, ema, policy, params, batches, args.warmup, args.steps, sync)
     step_t = torch.tensor([statistics.mean(times)], device=dev)
     step_t = acc.gather(step_t).max().item()  # the slowest process sets the pace
     glob = args.batch_size * acc.num_processes

@@ -41,3 +41,14 @@ def toy_batch(B: int = 3, horizon: int = 6, seed: int = 0, n_cam: int = 2) -> di
         "action_mask": torch.from_numpy(space.mask("toy", "action"))[None].repeat(B, 1),
         "action_is_pad": torch.zeros(B, horizon, dtype=torch.bool),
     }
+
+
+def two_embodiment_stores(d) -> tuple[str, str]:
+    """Two tiny stores in ``d`` with different embodiments: 7-D arm with 2 cameras, 2-D gripper with 1 camera."""
+    from chunkpolicy.data.synthetic import make_spec, make_synthetic_store
+
+    arm = make_spec("arm7", action_dim=7, state_dim=8, cameras=("top", "wrist"))
+    grip = make_spec("gripper2", action_dim=2, state_dim=3, cameras=("front",), control_hz=5.0)
+    a = make_synthetic_store(d / "arm7.zarr", arm, n_episodes=3, episode_len=12, image_hw=(24, 24), seed=0)
+    b = make_synthetic_store(d / "gripper2.zarr", grip, n_episodes=3, episode_len=10, image_hw=(16, 20), seed=1)
+    return str(a.path), str(b.path)

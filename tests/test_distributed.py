@@ -29,9 +29,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from chunkpolicy.data.synthetic import make_spec, make_synthetic_store
 from chunkpolicy.training.plots import read_metrics
 from chunkpolicy.training.trainer import KILL_ENV, POISON_ENV
+from helpers import two_embodiment_stores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,12 +113,7 @@ def _max_rel(a: dict[int, float], b: dict[int, float]) -> float:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stores")
-    arm = make_spec("arm7", action_dim=7, state_dim=8, cameras=("top", "wrist"))
-    grip = make_spec("gripper2", action_dim=2, state_dim=3, cameras=("front",), control_hz=5.0)
-    a = make_synthetic_store(d / "arm7.zarr", arm, n_episodes=3, episode_len=12, image_hw=(24, 24), seed=0)
-    b = make_synthetic_store(d / "gripper2.zarr", grip, n_episodes=3, episode_len=10, image_hw=(16, 20), seed=1)
-    return str(a.path), str(b.path)
+    return two_embodiment_stores(tmp_path_factory.mktemp("stores"))
 
 
 def _cfg(path: Path, datasets: list[dict], head: str = "flow_expert", horizon: int = 4, **train) -> Path:

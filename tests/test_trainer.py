@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from chunkpolicy.config import load_config
-from chunkpolicy.data.synthetic import make_spec, make_synthetic_store
 from chunkpolicy.training.checkpoint import CheckpointManager, capture_rng, restore_rng
 from chunkpolicy.training.distributed import ShardedBatchSampler
 from chunkpolicy.training.ema import EMA
@@ -26,6 +25,7 @@ from chunkpolicy.training.optim import (
 )
 from chunkpolicy.training.plots import read_metrics
 from chunkpolicy.training.trainer import KILL_ENV, POISON_ENV, Trainer
+from helpers import two_embodiment_stores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,12 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     """Two tiny stores with different embodiments: 7-D arm with 2 cameras, 2-D gripper with 1 camera."""
-    d = tmp_path_factory.mktemp("stores")
-    arm = make_spec("arm7", action_dim=7, state_dim=8, cameras=("top", "wrist"))
-    grip = make_spec("gripper2", action_dim=2, state_dim=3, cameras=("front",), control_hz=5.0)
-    a = make_synthetic_store(d / "arm7.zarr", arm, n_episodes=3, episode_len=12, image_hw=(24, 24), seed=0)
-    b = make_synthetic_store(d / "gripper2.zarr", grip, n_episodes=3, episode_len=10, image_hw=(16, 20), seed=1)
-    return str(a.path), str(b.path)
+    return two_embodiment_stores(tmp_path_factory.mktemp("stores"))
 
 
 def _write_cfg(path: Path, stores, **train) -> Path:
