@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             row["overhead_p50_ms"] = row["p50_ms"] - inproc["p50_ms"]
             # where a round trip goes, per request: server total = receive → reply packed (decode, queue, inference,
             # packing); transport = the rest (client packing and unpacking, both sends, both event loops)
-            srv = np.asarray(res["server_s"], dtype=float)
+            stimes = np.asarray(res["server_s"], dtype=float)
             lat = np.asarray(res["latency_s"], dtype=float)
-            row["server_total_p50_ms"] = _pct(list(srv[:, 0]), 50)
-            row["server_infer_p50_ms"] = _pct(list(srv[:, 1]), 50)
-            row["server_queue_p50_ms"] = _pct(list(srv[:, 2]), 50)
-            row["server_other_p50_ms"] = _pct(list(srv[:, 0] - srv[:, 1] - srv[:, 2]), 50)
-            row["transport_p50_ms"] = _pct(list(lat - srv[:, 0]), 50)
+            row["server_total_p50_ms"] = _pct(list(stimes[:, 0]), 50)
+            row["server_infer_p50_ms"] = _pct(list(stimes[:, 1]), 50)
+            row["server_queue_p50_ms"] = _pct(list(stimes[:, 2]), 50)
+            row["server_other_p50_ms"] = _pct(list(stimes[:, 0] - stimes[:, 1] - stimes[:, 2]), 50)
+            row["transport_p50_ms"] = _pct(list(lat - stimes[:, 0]), 50)
             rows.append(row)
             print(f"| {n} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['overhead_p50_ms']:+.2f} | "
                   f"{row['throughput_per_s']:.1f} | {row['mean_batch']:.2f} | {row['server_other_p50_ms']:.2f} | "
