@@ -5,7 +5,11 @@ Builds a full-size LeRobot 0.6.1 ``PI0Policy`` / ``PI05Policy`` with random weig
 ``chunkpolicy.models.importers``, and reports max |diff| of the action chunks (robot units, after both sides'
 normalization): in fp32, and with ``--dtype bfloat16`` also both sides in bf16 (LeRobot with its own mixed-precision
 rules), each bf16 chunk against the fp32 reference: two bf16 implementations can only agree about as well as each
-agrees with fp32. The prompt tokenizer is the offline character tokenizer (PaliGemma's is a hub
+agrees with fp32. LeRobot's bf16 policy is its fp32 one converted in place by LeRobot's own
+``to_bfloat16_for_selected_params`` (what its constructor does for ``dtype="bfloat16"``), then given the fp32 weights
+again (rounded where LeRobot keeps bf16, exact where it keeps fp32): the same policy as a bf16 build from the same
+seed, without a second 4 B-parameter build and save. Each phase's time is printed as it ends and kept in
+the JSON (``phases_s``). The prompt tokenizer is the offline character tokenizer (PaliGemma's is a hub
 download); its ids are valid PaliGemma ids, so the numbers test the same network. The CPU tests do the same at a
 reduced size in fp32 (``tests/test_import_lerobot.py``, tolerance 1e-4).
 
@@ -20,7 +24,9 @@ Latency of the imported layout (weights' values do not change it): ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -49,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     from chunkpolicy.models.importers import import_checkpoint
     from chunkpolicy.models.tokenizer import build_char_tokenizer
 
+    # a timeout's SIGTERM unwinds like an exception, so the temporary directory (~30 GB at full size) is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t_start = time.time()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.time() - t_start - sum(phases.values()), 1)
+        print(f"[{time.time() - t_start:7.1f} s] {name}: {phases[name]} s", flush=True)
+
     tok = build_char_tokenizer()
     H, B = 50, args.batch
     res: dict = {"kind": args.kind, "device": args.device, "dtype": args.dtype, "batch": B, "horizon": H,
@@ -61,17 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = {"observation.images.top": imgs[:, 0], "observation.images.wrist": imgs[:, 1], "observation.state": state,
              "task": tasks}
 
-    def lerobot_chunk(dtype: str, d: Path) -> torch.Tensor:
-        """LeRobot's chunk with its policy built for ``dtype`` (its own mixed-precision rules in bf16)."""
-        t = time.time()
-        policy, pre, post = fx.build_lerobot_policy(args.kind, d, reduced=args.reduced, image=224, horizon=H,
-                                                    tokenizer=tok, prompt_len=48 if args.kind == "pi0" else 200,
-                                                    dtype=dtype, device=args.device)
-        res[f"build_{dtype}_s"] = time.time() - t
+    def lerobot_chunk(policy, pre, post) -> torch.Tensor:
         with torch.no_grad():
-            out = post(policy.predict_action_chunk(pre(batch), noise=noise.to(args.device))).float().cpu()
-        del policy
-        return out
+            return post(policy.predict_action_chunk(pre(batch), noise=noise.to(args.device))).float().cpu()
 
     def our_chunk(ours, dt: torch.dtype) -> torch.Tensor:
         ours = ours.to(args.device, dt).eval()
@@ -84,32 +91,54 @@ def main(argv: list[str] | None = None) -> int:
     diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731
     with tempfile.TemporaryDirectory() as d:
         # fp32 first: LeRobot's chunk, then the import of the checkpoint it saved
-        want32 = lerobot_chunk("float32", Path(d) / "src")
-        t = time.time()
+        lr, pre, post = fx.build_lerobot_policy(args.kind, Path(d) / "src", reduced=args.reduced, image=224, horizon=H,
+                                                tokenizer=tok, prompt_len=48 if args.kind == "pi0" else 200,
+                                                dtype="float32", device=args.device)
+        phase("lerobot_build_and_save")
+        want32 = lerobot_chunk(lr, pre, post)
+        phase("lerobot_chunk_fp32")
         report, ours = import_checkpoint(Path(d) / "src", Path(d) / "ours", f"lerobot-{args.kind}", tokenizer=tok,
                                          return_policy=True)
-        res["import_s"] = time.time() - t
+        phase("import")
         print(report.summary())
         got32 = our_chunk(ours, torch.float32)
+        phase("ours_chunk_fp32")
         res["max_abs_action"] = want32.abs().max().item()
         res["fp32"] = {"ours_vs_lerobot": diff(got32, want32)}
         if args.dtype == "bfloat16":
-            # both sides in bf16 (same seed: the same random weights, rounded), each against the fp32 reference:
-            # two bf16 implementations can only be asked to agree about as well as each agrees with fp32
-            want16 = lerobot_chunk("bfloat16", Path(d) / "src16")
+            # both sides in bf16 (the same random weights, rounded), each against the fp32 reference: two bf16
+            # implementations can only be asked to agree about as well as each agrees with fp32
+            fp32_weights = {n: q.detach().clone() for n, q in lr.named_parameters()}
+            lr.model.paligemma_with_expert.to_bfloat16_for_selected_params("bfloat16")
+            lr.config.dtype = "bfloat16"
+            with torch.no_grad():  # the parameters LeRobot keeps in fp32 must not pass through bf16 on the way
+                for n, q in lr.named_parameters():
+                    q.copy_(fp32_weights.pop(n))
+            want16 = lerobot_chunk(lr, pre, post)
+            phase("lerobot_chunk_bf16")
             got16 = our_chunk(ours, torch.bfloat16)
+            phase("ours_chunk_bf16")
             res["bf16"] = {"ours_vs_lerobot": diff(got16, want16), "ours_vs_fp32": diff(got16, want32),
                            "lerobot_vs_fp32": diff(want16, want32)}
+        del lr
         if args.latency:
             res["latency"] = chunk_latency(ours, {k: v[:1] if isinstance(v, torch.Tensor) else v[:1] for k, v in
                                                   {"images": imgs[:, :, None], "state": state, "prompt": tasks}.items()},
                                            args.device)
+            phase("latency")
+    res["phases_s"] = phases
     res["max_abs_diff"] = res["bf16" if args.dtype == "bfloat16" else "fp32"]["ours_vs_lerobot"]
     res["rel_diff"] = res["max_abs_diff"] / max(res["max_abs_action"], 1e-12)
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0
+
+
+def build_on(device: str):
+    """Build modules directly on ``device`` (on a CUDA device the random init of ~3 B parameters takes seconds, on the
+    host's CPU minutes)."""
+    return torch.device(device) if str(device).startswith("cuda") else contextlib.nullcontext()
 
 
 def chunk_latency(imported, obs: dict, device: str, calls: int = 100) -> dict:
@@ -126,8 +155,9 @@ def chunk_latency(imported, obs: dict, device: str, calls: int = 100) -> dict:
 
     if not device.startswith("cuda"):
         return {"skipped": "CUDA graphs need a GPU"}
-    own = ChunkPolicy(dataclasses.replace(imported.config, head=FlowExpertConfig()), imported.space,
-                      imported.normalizer.stats, tokenizer=imported.tokenizer)
+    with build_on(device):
+        own = ChunkPolicy(dataclasses.replace(imported.config, head=FlowExpertConfig()), imported.space,
+                          imported.normalizer.stats, tokenizer=imported.tokenizer)
     n_cam = obs["images"].shape[1]
     batch = {"images": obs["images"].to(device), "image_mask": torch.ones(1, n_cam, dtype=torch.bool, device=device),
              "state": imported.space.pad(obs["state"], 0, "state")[:, None].to(device), "prompt": list(obs["prompt"]),
