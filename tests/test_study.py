@@ -32,7 +32,7 @@ def _study(tmp_path: Path, **data_over) -> Path:
                            **(data_over or {"collect": {"episodes": 1, "image_size": [64, 64], "cameras": ["corner"],
                                                         "workers": 0}})}},
         "rows": {
-            "a-flow": {"data": "reach", "method": {
+            "a-flow": {"data": "reach", "eval": {"episodes": 2, "curve_episodes": 1}, "method": {
                 "config": str(REPO / "configs" / "quickstart_metaworld.yaml"),
                 "overrides": ["model.head=flow_expert", "model.horizon=4", "train.batch_size=4", "data.num_workers=0",
                               "train.log_every=2", "train.progress=false", "train.warmup_steps=1"]}},
@@ -65,13 +65,16 @@ def test_row_results(row_a):
     assert res["train"]["steps"] == 4 and res["train"]["framework"] == "chunkpolicy"
     assert res["train"]["gpus"] == 0 and res["gpu_minutes"] == 0.0 and res["train"]["wall_minutes"] > 0
     assert res["data"]["episodes"] == 1 and res["data"]["expert"]["reach-v3"]["successes"] == 1
-    assert res["tasks"] == ["reach-v3"] and res["success"]["tasks"]["reach-v3"]["n"] == 1
+    assert res["tasks"] == ["reach-v3"] and res["success"]["tasks"]["reach-v3"]["n"] == 2
     lo, hi = res["success"]["mean"]["ci95"]
     assert 0 <= lo <= res["success"]["mean"]["rate"] <= hi <= 1
     assert [e["step"] for e in res["success_vs_steps"]] == [2, 4]  # every kept checkpoint evaluated
+    # the curve's earlier point with curve_episodes, the row's result (last checkpoint) with episodes
+    assert [e["episodes_per_task"] for e in res["success_vs_steps"]] == [1, 2]
+    assert [e["mean"]["n"] for e in res["success_vs_steps"]] == [1, 2] and res["eval"]["episodes_per_task"] == 2
     assert res["latency"]["calls"] == 1 and res["latency"]["median_ms"] > 0 and res["latency"]["chunk_len"] == 4
     assert "commit" in res["git"] and res["eval"]["executor"] == "open_loop:2"
-    assert [(e["task"], e["seed"]) for e in res["episodes"]] == [("reach-v3", 100000)]
+    assert [(e["task"], e["seed"]) for e in res["episodes"]] == [("reach-v3", 100000), ("reach-v3", 100001)]
 
 
 @pytest.mark.slow
@@ -203,6 +206,7 @@ def test_pretrain_on_a_mixture_then_posttrain_from_its_checkpoint(row_a, tmp_pat
     (lambda d: d["rows"]["a-flow"]["method"].update(lerobot="act"), r"rows.a-flow.method: give exactly one of"),
     (lambda d: d["rows"]["b-flow-te"]["method"].update(from_row="zzz"), r"rows.b-flow-te.method.from_row: 'zzz'"),
     (lambda d: d["rows"]["a-flow"].update(eval={"episodes": 0}), r"rows.a-flow.eval.episodes"),
+    (lambda d: d["rows"]["a-flow"].update(eval={"episodes": 2, "curve_episodes": 3}), r"rows.a-flow.eval.curve_episodes"),
     (lambda d: d["data"]["reach"].pop("collect"), r"data.reach: give store .* or collect"),
     (lambda d: d["rows"].update({"c-lr": {"data": "reach", "method": {"lerobot": "act"}}}), r"rows.c-lr.method.steps"),
     (lambda d: d["rows"]["a-flow"].update(mixture=["reach", "nope"]), r"rows.a-flow.mixture.1: 'nope' is not a key"),

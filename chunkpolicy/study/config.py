@@ -47,7 +47,9 @@ chunkpolicy row's final checkpoint, trained first if it is missing: ``posttrain.
 ``train`` (``max_minutes``, ``steps``, ``ckpt_every``; ``eval_checkpoints``: ``last`` or ``all``, the latter
 evaluating every kept checkpoint for success vs training steps)
 and ``eval`` (``episodes`` per task, ``seed`` (default: ``chunkpolicy eval``'s held-out evaluation seed, never a collection seed), ``max_steps``, ``executor``,
-``num_envs``, ``workers``, ``videos``, ``device``, ``latency_calls``). Every error names the key
+``num_envs``, ``workers``, ``videos``, ``device``, ``latency_calls``; ``curve_episodes``: episodes per task for the
+checkpoints before the last with ``eval_checkpoints: all``, default ``episodes``: the curve's points are cheaper, the
+row's result, from the last checkpoint, always has ``episodes``). Every error names the key
 (``rows.4a-mt10-flow_expert.method.overrides``) and the file.
 """
 
@@ -72,11 +74,11 @@ METHOD_KEYS = {"config", "overrides", "lerobot", "args", "steps", "from_row", "i
 TASK_SETS = ("MT10", "MT50", "ML45_TRAIN", "ML45_TEST")
 TRAIN_KEYS = {"max_minutes", "steps", "ckpt_every", "eval_checkpoints", "keep_last"}
 EVAL_KEYS = {"episodes", "seed", "max_steps", "executor", "num_envs", "workers", "videos", "device", "latency_calls",
-             "num_steps"}
+             "num_steps", "curve_episodes"}
 # seed: chunkpolicy.evaluation.rollout.EVAL_SEED (checked in tests; not imported here: that module needs torch)
 EVAL_DEFAULTS: dict[str, Any] = {"episodes": 50, "seed": 100_000, "max_steps": None, "executor": "open_loop:8",
                                  "num_envs": 10, "workers": 0, "videos": 1, "device": None, "latency_calls": 20,
-                                 "num_steps": None}
+                                 "num_steps": None, "curve_episodes": None}
 
 
 class StudyError(ValueError):
@@ -266,6 +268,10 @@ def load_study(path: str | os.PathLike) -> Study:
         ev = {**EVAL_DEFAULTS, **_keys(merged.get("eval"), EVAL_KEYS, f"{where}.eval", src)}
         if not isinstance(ev["episodes"], int) or ev["episodes"] < 1:
             raise StudyError(f"{where}.eval.episodes: expected a positive int, got {ev['episodes']!r} [{src}]")
+        ce = ev["curve_episodes"]
+        if ce is not None and (not isinstance(ce, int) or isinstance(ce, bool) or not 1 <= ce <= ev["episodes"]):
+            raise StudyError(f"{where}.eval.curve_episodes: expected an int in [1, eval.episodes = {ev['episodes']}], "
+                             f"got {ce!r} [{src}]")
         if r.get("data") not in data:
             raise StudyError(f"{where}.data: {r.get('data')!r} is not a key of data ({sorted(data)}) [{src}]")
         mixture = _mixture(r.get("mixture"), data, kind, where, src)

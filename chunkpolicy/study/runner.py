@@ -285,10 +285,12 @@ def chunk_latency(kind: str, checkpoint: str, env: str, task: str, env_kwargs: d
 
 
 def _eval_one(row: Row, kind: str, checkpoint: str, tasks: list[str], out: Path, device: str, log: Log,
-              command: str, force: bool = False) -> dict[str, Any]:
+              command: str, force: bool = False, episodes: int | None = None) -> dict[str, Any]:
+    """Evaluate one checkpoint with the row's eval settings (``episodes`` per task instead of ``row.eval``'s when
+    given); a finished evaluation of the same checkpoint and settings is reused."""
     from chunkpolicy.evaluation.cli import run_eval
 
-    ev = row.eval
+    ev = {**row.eval, "episodes": int(episodes or row.eval["episodes"])}
     res_path = out / "results.json"
     weights = Path(checkpoint) / "model.safetensors"
     st = weights.stat()
@@ -342,14 +344,16 @@ def run_row(study: Study, name: str, *, force: bool = False, log: Log = print,
         raise RuntimeError(f"[{name}] training left no checkpoint in {train['run_dir']}")
     command = row_command(study, name)
     evals = []
-    for step, ck in ckpts:
+    for i, (step, ck) in enumerate(ckpts):
         label = f"step_{int(step):06d}"
+        last = i == len(ckpts) - 1
         if not (study.out_dir / "rows" / name / "eval" / label / "results.json").is_file():
             deadline.check(f"evaluating {ck}", 60.0 * eval_reserve_minutes)
         res = _eval_one(row, kind, ck, tasks, study.out_dir / "rows" / name / "eval" / label, device, log, command,
-                        force)
+                        force, episodes=None if last else row.eval.get("curve_episodes"))
         evals.append({"step": int(step), "checkpoint": ck, "results": str(study.out_dir / "rows" / name / "eval" / label
                                                                           / "results.json"),
+                      "episodes_per_task": int(res["study_key"]["episodes"]),
                       "mean": res["summary"]["policy"]["mean"], "eval_wall_s": res.get("eval_wall_s")})
     final = res
     latency = chunk_latency(kind, ckpts[-1][1], row.data.env, tasks[0], final["env_kwargs"], device=device,
