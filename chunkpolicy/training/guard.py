@@ -6,8 +6,9 @@ untouched) and the EMA update is multiplied by the same flag, so no host sync is
 still consume their batches and advance the schedule. A device-side counter of skipped steps and of the current
 streak is read with the loss at each ``train`` record (``skipped``, ``skipped_total``): that read is the only sync,
 so a streak is noticed up to ``log_every`` steps late (harmless: skipped steps change nothing). When the streak has
-reached ``train.max_bad_steps`` at a record (or a checkpoint finds non-finite weights), the run rolls back to its latest
-checkpoint (weights, optimizer, EMA, data position, RNG) with the learning rate × ``train.rollback_lr_factor``
+reached ``train.max_bad_steps`` at a record (or a checkpoint finds non-finite weights), the run rolls back to its last good
+checkpoint, the newest one written outside a skip streak (weights, optimizer, EMA, data position, RNG), with the
+learning rate × ``train.rollback_lr_factor``
 (a ``rollback`` record; the factor is kept in later checkpoints, so a resumed run continues exactly); without a
 checkpoint it continues from the current weights (the last good step's) with the lower rate. After
 ``train.max_rollbacks`` rollbacks it stops (:class:`TrainingDiverged`, after ``summary.json``), leaving the last good

@@ -1,6 +1,6 @@
 """AdamW with decay/no-decay parameter groups, linear warmup + cosine decay, and pickle-free optimizer state.
 
-π0 defaults (REFERENCES.md): AdamW β=(0.9, 0.95), eps 1e-8, clip 1.0, warmup 1k, cosine 2.5e-5 → 2.5e-6.
+π0's training defaults (openpi's π0 recipe, as summarised in the project's shared REFERENCES.md): AdamW β=(0.9, 0.95), eps 1e-8, clip 1.0, warmup 1k, cosine 2.5e-5 → 2.5e-6.
 
 Schedule (``s`` = optimizer steps taken so far, so the first update uses ``s = 0``)::
 
