@@ -51,7 +51,7 @@ def cmd_stats(store_path: str | os.PathLike) -> None:
 def cmd_verify(store_path: str | os.PathLike, *, repair: bool = False) -> int:
     """Check every chunk, shapes, the episode index, NaN/inf and stats freshness; print what is wrong. ``repair`` drops
     damaged tail episodes only. Returns the exit code: 0 healthy, 1 problems found (or left after a repair)."""
-    from chunkpolicy.data.store import verify_store
+    from chunkpolicy.data.store_verify import verify_store
 
     report, dropped = verify_store(store_path, repair=repair)
     if dropped:

@@ -26,6 +26,8 @@ key, the chunk and the episodes/frames it holds, from the fast frame reader and 
 v1 stores (before checksums) still open and read as before: no checksums, and a missing chunk reads as zeros (v1 skipped
 all-zero chunks, so it cannot be told from data); ``chunkpolicy data verify`` says so.
 
+Checking and repairing a store (``chunkpolicy data verify [--repair]``): :mod:`chunkpolicy.data.store_verify`.
+
 Stats: ``stats`` are saved with the frame count they cover (``stats_frames``); an append or a repair marks them stale
 in its commit (``stats_stale``), and :attr:`EpisodeStore.stats` on stale stats raises, saying to recompute.
 """
@@ -37,7 +39,6 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -454,7 +455,7 @@ class EpisodeStore:
 
     def read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Frames ``[start, stop)`` of ``key`` (``action``, ``state`` or ``images/<camera>``)."""
-        arr_key = self._array_key(key)
+        self._array_key(key)  # an unknown key is an error naming it
         if not 0 <= start <= stop <= self.num_frames:
             raise IndexError(f"{key}: frames [{start}, {stop}) outside [0, {self.num_frames})")
         if key in NUMERIC_KEYS:
@@ -652,160 +653,8 @@ class EpisodeStore:
             "checksums": "crc32c" if self.checksummed else None,
         }
 
-    # -- verification -----------------------------------------------------------------------------------------------
-    def verify(self, image_batch: int = 256) -> "VerifyReport":
-        """Check every committed chunk (presence, checksum, decode), shapes, dtypes, episode index, NaN/inf and stats
-        freshness. Returns a :class:`VerifyReport`; nothing is changed."""
-        rep = VerifyReport(str(self.path), num_episodes=self.num_episodes)
-        if not self.checksummed:
-            rep.notes.append(f"format v{self.format_version} store: no checksums (old store), and a missing chunk reads "
-                             "as zeros (v1 skipped all-zero chunks): bit flips and lost chunks cannot be detected")
-        E, n = self.num_episodes, self.num_frames
-        if E == 0:
-            rep.notes.append("empty store (0 episodes)")
-        root = self._root()
-        # episode index (loading already refused non-increasing ends, short meta arrays and out-of-range task indices)
-        if len(self._episode_seed) != E:
-            rep.add(f"meta/episode_seed: {len(self._episode_seed)} entries for {E} episodes")
-        # shapes and dtypes
-        expect = {"action": ((self.spec.action_dim,), "float32"), "state": ((self.spec.state_dim,), "float32")}
-        expect.update({f"images/{c}": ((*self._image_shapes[c], 3), "uint8") for c in self.cameras})
-        for key, (shape, dtype) in expect.items():
-            arr = root[f"data/{key}"]
-            if tuple(arr.shape[1:]) != tuple(shape) or str(arr.dtype) != dtype:
-                rep.add(f"data/{key}: {arr.dtype} {list(arr.shape[1:])} per frame, expected {dtype} {list(shape)}")
-            if arr.shape[0] > n:
-                rep.notes.append(f"data/{key}: {arr.shape[0] - n} uncommitted frames past the end (left by an "
-                                 "interrupted append; ignored, overwritten by the next append)")
-        # numeric chunks: presence, checksum, decode, NaN/inf
-        for key in NUMERIC_KEYS:
-            arr = self._open_array(f"data/{key}")
-            if arr.shape[1] == 0:
-                continue
-            step = int(arr.chunks[0])
-            for a in range(0, n, step):
-                b = min(a + step, n)
-                try:
-                    x = np.asarray(arr[a:b])
-                except Exception as e:
-                    reason = "chunk file missing" if type(e).__name__ == "ChunkNotFoundError" else f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                    rep.add(str(self._corrupt(key, a, b, f"c/{a // step}/0", reason)), self._episodes_in(a, b))
-                    continue
-                bad = ~np.isfinite(x)
-                if bad.any():
-                    r, d = np.argwhere(bad)[0]
-                    f = a + int(r)
-                    rep.add(f"{key}: {int(bad.sum())} NaN/inf values, first at frame {f} dim {int(d)} "
-                            f"({self._episodes_of_frames(f, f + 1)})",
-                            {int(np.searchsorted(self.episode_ends, a + int(r2), side="right")) for r2 in np.nonzero(bad.any(1))[0]})
-        # image chunks: through the reader training uses
-        for c in self.cameras:
-            key = f"images/{c}"
-            for a in range(0, n, image_batch):
-                b = min(a + image_batch, n)
-                try:
-                    self.read_frames(key, np.arange(a, b))
-                except StoreCorruptError:
-                    for i in range(a, b):
-                        try:
-                            self.read_frames(key, np.array([i]))
-                        except StoreCorruptError as e:
-                            rep.add(str(e), self._episodes_in(i, i + 1))
-        # stats
-        status = self.stats_status()
-        if status == "stale":
-            rep.add(f"stats: stale (cover {self._stats_frames} frames, the store has {n}); recompute with "
-                    f"`chunkpolicy data stats {self.path}`", stats=True)
-        elif status == "unknown":
-            try:
-                self.stats
-                rep.notes.append("stats: saved by format v1 without a frame count; they match the data")
-            except ValueError as e:
-                rep.add(f"stats: {e}", stats=True)
-        elif status == "none":
-            rep.notes.append("stats: not computed")
-        return rep
-
-    def _episodes_in(self, a: int, b: int) -> set[int]:
-        ends = self.episode_ends
-        e0 = int(np.searchsorted(ends, a, side="right"))
-        e1 = int(np.searchsorted(ends, b - 1, side="right"))
-        return set(range(e0, min(e1, self.num_episodes - 1) + 1))
-
-    def repair(self, report: "VerifyReport") -> int:
-        """Drop the damaged tail episodes ``report`` found, in one atomic commit; returns how many were dropped.
-
-        Only a contiguous tail of damaged episodes is dropped (what a crash or a lost write leaves at the end); damage
-        anywhere else, or damage not tied to episodes, is refused with ValueError: repair never drops a good episode
-        and never rewrites data. Saved stats are marked stale in the same commit.
-        """
-        if report.global_problems:
-            raise ValueError(f"{self.path}: cannot repair: problems not tied to episodes: {report.global_problems}")
-        bad = sorted(report.damaged)
-        if not bad:
-            return 0
-        k = bad[0]
-        if bad != list(range(k, self.num_episodes)):
-            raise ValueError(
-                f"{self.path}: cannot repair: damaged episodes {bad} are not a contiguous tail of the "
-                f"{self.num_episodes} episodes; --repair only drops incomplete tail episodes; re-create the store "
-                f"(re-import or re-collect) instead")
-        with self.write_lock():
-            self._reload()
-            if self.num_episodes != report.num_episodes:
-                raise ValueError(f"{self.path}: changed since it was verified ({report.num_episodes} -> "
-                                 f"{self.num_episodes} episodes); verify again")
-            dropped = self.num_episodes - k
-            self._root().attrs.update({"num_episodes": k, "stats_stale": bool(self._stats)})
-            self._reload()
-        return dropped
-
     def __len__(self) -> int:
         return self.num_episodes
 
     def __repr__(self) -> str:
         return f"EpisodeStore({str(self.path)!r}, episodes={self.num_episodes}, frames={self.num_frames}, embodiment={self.spec.name!r})"
-
-
-@dataclass
-class VerifyReport:
-    """What :meth:`EpisodeStore.verify` found: ``problems`` (each a line naming the key), ``notes`` (not errors),
-    ``damaged`` (episode indices the problems touch) and ``global_problems`` (not tied to episodes)."""
-
-    path: str
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    damaged: set[int] = field(default_factory=set)
-    global_problems: list[str] = field(default_factory=list)
-    stats_problems: list[str] = field(default_factory=list)
-    num_episodes: int = 0
-
-    def add(self, msg: str, episodes: set[int] | None = None, stats: bool = False) -> None:
-        msg = msg.split("; run `chunkpolicy data verify")[0]  # the reader's hint, pointless in verify's own report
-        self.problems.append(msg)
-        if stats:
-            self.stats_problems.append(msg)
-        elif episodes:
-            self.damaged |= set(episodes)
-        else:
-            self.global_problems.append(msg)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify_store(path: str | os.PathLike, repair: bool = False) -> tuple[VerifyReport, int]:
-    """Verify a store (see :meth:`EpisodeStore.verify`); with ``repair``, drop damaged tail episodes and verify again.
-    Returns ``(report, dropped)``. A store that does not even open is one problem in the report."""
-    try:
-        store = EpisodeStore.open(path, mode="a" if repair else "r")
-    except (ValueError, KeyError) as e:
-        rep = VerifyReport(str(path))
-        rep.add(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
-        return rep, 0
-    rep, dropped = store.verify(), 0
-    if repair and rep.damaged:
-        dropped = store.repair(rep)
-        rep = store.verify()
-    return rep, dropped
