@@ -1,14 +1,17 @@
-"""Write-then-rename helpers: a crash never leaves a half-written store, checkpoint or results file behind; and
-:func:`read_json`, which reads such files back with an error that names the file."""
+"""Write-then-rename helpers: a crash never leaves a half-written store, checkpoint or results file behind;
+:func:`read_json`, which reads such files back with an error that names the file; and :class:`FileLock`, the one
+advisory inter-process lock (an episode store's writer, a study row's training or data collection)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def _umask() -> int:
@@ -72,3 +75,64 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt JSON ({e})") from None
+
+
+class LockTimeout(TimeoutError):
+    """:class:`FileLock` gave up waiting; ``holder`` is the pid written by the process holding it (or "unknown")."""
+
+    def __init__(self, path: Path, holder: str, waited: float) -> None:
+        super().__init__(f"{path}: held by another process (pid {holder}); gave up after waiting {waited:g}s")
+        self.path, self.holder, self.waited = path, holder, waited
+
+
+class FileLock:
+    """An exclusive advisory ``fcntl.flock`` on ``path`` (created if missing), between processes on one machine.
+
+    The holder writes its pid into the file, so a waiting process can say whom it waits for. ``timeout`` seconds
+    (None: wait as long as it takes; 0: fail at once) before :class:`LockTimeout`; ``on_wait(holder_pid)`` is called
+    once when the lock is busy. The lock is released when the holder exits in any way (the kernel drops a dead
+    process's flock), so a killed holder never leaves it stuck. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, timeout: float | None = None,
+                 on_wait: Callable[[str], None] | None = None) -> None:
+        self.path, self.timeout, self.on_wait = Path(path), timeout, on_wait
+        self._fd: int | None = None
+
+    def holder(self, fd: int) -> str:
+        try:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def __enter__(self) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        t0, told = time.monotonic(), False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = time.monotonic() - t0
+                    if self.timeout is not None and waited >= self.timeout:
+                        raise LockTimeout(self.path, self.holder(fd), self.timeout) from None
+                    if not told and self.on_wait is not None:
+                        self.on_wait(self.holder(fd))
+                        told = True
+                    time.sleep(0.02 if waited < 1 else 0.25)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)  # closing the descriptor releases the flock

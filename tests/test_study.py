@@ -349,3 +349,33 @@ def test_lerobot_same_as_steps_come_from_the_finished_rows_results(tmp_path):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "a-flow.json").write_text(json.dumps({"row": "a-flow", "train": {"steps": 1234}}))
     assert _lerobot_steps(study, study.rows["c-act"], lambda m: None, train_source) == 1234
+
+
+@pytest.mark.slow
+def test_parallel_posttrain_rows_train_their_shared_pretrain_once(row_a, tmp_path):
+    """Two post-train rows started at the same time (parallel streams on one GPU host) on a machine without their
+    pretrain: one process trains it, the other waits on its lock and reuses it; both start from the same weights and
+    only one counts the pretrain's GPU time."""
+    import os
+    import subprocess
+    import sys
+
+    src, _ = row_a
+    path = _xemb_study(tmp_path, src / "work" / "data" / "reach.zarr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {row: subprocess.Popen([sys.executable, "-m", "chunkpolicy.study.cli", "run", row, "--study", str(path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for row in ("c-lora", "c-head_only")}
+    logs = {row: p.communicate(timeout=600)[0] for row, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), logs
+    trained = [row for row, out in logs.items() if "[c-pretrain] training flow_expert" in out]
+    assert len(trained) == 1, logs  # the pretrain trained by exactly one process
+    assert sum("[data fetch] collecting" in out for out in logs.values()) == 1, logs  # its data collected once
+    other = "c-head_only" if trained == ["c-lora"] else "c-lora"
+    assert "[c-pretrain training] waiting for process" in logs[other], logs[other]
+    res = {row: json.loads((tmp_path / "results" / f"{row}.json").read_text()) for row in procs}
+    inits = {row: r["train"]["init_from"] for row, r in res.items()}
+    assert inits["c-lora"]["checkpoint"] == inits["c-head_only"]["checkpoint"]
+    assert inits[trained[0]]["trained_now"] is True and inits[other]["trained_now"] is False
+    sessions = json.loads((tmp_path / "work" / "rows" / "c-pretrain" / "train" / "summary.json").read_text())
+    assert sessions["steps"] == 2

@@ -34,10 +34,8 @@ in its commit (``stats_stale``), and :attr:`EpisodeStore.stats` on stale stats r
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -46,7 +44,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from chunkpolicy.atomic import atomic_dir
+from chunkpolicy.atomic import FileLock, LockTimeout, atomic_dir
 from chunkpolicy.normalize import compute_stats, stats_from_json, stats_to_json
 from chunkpolicy.spaces import EmbodimentSpec
 
@@ -101,7 +99,7 @@ class EpisodeStore:
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         self.path, self.mode = Path(path), mode
         self.lock_timeout = _default_lock_timeout() if lock_timeout is None else float(lock_timeout)
-        self._lock_fd: int | None = None
+        self._lock: FileLock | None = None  # held write lock
         self._group: zarr.Group | None = None
         self._cache: dict[str, np.ndarray] = {}
         self._arrays: dict[str, zarr.Array] = {}  # opening an array reads its metadata: do it once per process
@@ -242,42 +240,23 @@ class EpisodeStore:
         """Hold the store's advisory write lock (re-entrant within this object); waits up to ``lock_timeout``."""
         if self.mode != "a":
             raise PermissionError(f"{self.path} is open read-only; open with mode='a' to write")
-        if self._lock_fd is not None:
+        if self._lock is not None:
             yield
             return
-        lock = self.path / LOCK_FILE
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        deadline = time.monotonic() + self.lock_timeout
+        lock = FileLock(self.path / LOCK_FILE, timeout=self.lock_timeout)
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        try:
-                            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                        except OSError:
-                            holder = "unknown"
-                        raise StoreLockedError(
-                            f"{self.path}: another process (pid {holder}) is writing to this episode store; gave up "
-                            f"after waiting {self.lock_timeout:g}s for its write lock {lock} (one writer at a time; "
-                            f"raise lock_timeout / CHUNKPOLICY_STORE_LOCK_TIMEOUT to wait longer)") from None
-                    time.sleep(0.02)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
+            lock.__enter__()
+        except LockTimeout as e:
+            raise StoreLockedError(
+                f"{self.path}: another process (pid {e.holder}) is writing to this episode store; gave up "
+                f"after waiting {self.lock_timeout:g}s for its write lock {e.path} (one writer at a time; "
+                f"raise lock_timeout / CHUNKPOLICY_STORE_LOCK_TIMEOUT to wait longer)") from None
+        self._lock = lock
         try:
             yield
         finally:
-            self._lock_fd = None
-            try:
-                os.ftruncate(fd, 0)
-            finally:
-                os.close(fd)  # closing the descriptor releases the flock
+            self._lock = None
+            lock.__exit__(None, None, None)
 
     def _load_meta(self) -> None:
         if not self.path.exists():
@@ -333,7 +312,7 @@ class EpisodeStore:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_group"], state["_cache"], state["_arrays"], state["_direct"] = None, {}, {}, {}  # reopened lazily in the receiving process
-        state["_lock_fd"] = None  # a lock is never inherited
+        state["_lock"] = None  # a lock is never inherited
         return state
 
     # -- metadata -------------------------------------------------------------------------------------------------

@@ -38,12 +38,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chunkpolicy.atomic import read_json
+from chunkpolicy.atomic import FileLock, read_json
 from chunkpolicy.study.config import TASK_SETS, DataSource, Row, Study, StudyError
 from chunkpolicy.study.session import Deadline, Log, SessionLimit, write_json as _write_json
 
 __all__ = ["run_row", "row_result_path", "ensure_data", "ensure_source", "train_row", "chunk_latency", "git_info",
            "row_command", "SessionLimit", "Deadline"]  # SessionLimit, Deadline: from chunkpolicy.study.session
+
+def _lock(path: Path, what: str, log: Log) -> FileLock:
+    """Serialize ``what`` between ``study run`` processes running at the same time (parallel streams of
+    ``benchmarks/study_gpu.sh``): the second waits for the first, then finds the work done and reuses it."""
+    return FileLock(path, on_wait=lambda pid: log(f"[{what}] waiting for process {pid}, which holds {path}"))
+
 
 def row_result_path(study: Study, name: str) -> Path:
     return study.results_dir / f"{name}.json"
@@ -96,20 +102,8 @@ def ensure_source(d: DataSource, log: Log = print) -> dict[str, Any]:
     marker = store.with_name(store.name + ".collect.json")
     info: dict[str, Any] = {"name": d.name, "env": d.env, "store": str(store), "collect": d.collect}
     if d.collect is not None and not marker.is_file():
-        from chunkpolicy.sim.collect import collect
-
-        c = dict(d.collect)
-        log(f"[data {d.name}] collecting {c['episodes']} demos/task of {d.env} into {store}"
-            + (" (resuming)" if store.exists() else ""))
-        t0 = time.perf_counter()
-        summary = collect(d.env, _expand_tasks(d.env, d.tasks), c["episodes"], store, workers=int(c.get("workers", 2)),
-                          seed=int(c.get("seed", 0)), image_size=tuple(c.get("image_size", (64, 64))),
-                          cameras=c.get("cameras"), max_steps=c.get("max_steps"), resume=store.exists(),
-                          env_kwargs=c.get("env_kwargs"), progress=False)
-        if summary.get("interrupted") or summary.get("errors"):
-            raise RuntimeError(f"[data {d.name}] collection into {store} did not finish (interrupted or errors: "
-                               f"{summary.get('errors', [])[:3]}); run the row again to resume it")
-        _write_json({"summary": summary, "collect_s": time.perf_counter() - t0}, marker)
+        with _lock(store.with_name(store.name + ".lock"), f"data {d.name}", log):
+            _collect(d, store, marker, log)
     if not (store / "zarr.json").is_file():
         raise FileNotFoundError(f"data.{d.name}.store: {store} is not an episode store")
     s = EpisodeStore.open(store)
@@ -120,6 +114,27 @@ def ensure_source(d: DataSource, log: Log = print) -> dict[str, Any]:
         info["expert"] = {t: {k: v.get(k) for k in ("attempts", "successes", "kept")}
                           for t, v in (m.get("summary", {}).get("tasks") or {}).items()}
     return info
+
+
+def _collect(d: DataSource, store: Path, marker: Path, log: Log) -> None:
+    """Collect (or resume collecting) a data source's demos, under its lock; a finished collection (its marker) is
+    kept: another process may have finished it while this one waited."""
+    if marker.is_file():
+        return
+    from chunkpolicy.sim.collect import collect
+
+    c = dict(d.collect)
+    log(f"[data {d.name}] collecting {c['episodes']} demos/task of {d.env} into {store}"
+        + (" (resuming)" if store.exists() else ""))
+    t0 = time.perf_counter()
+    summary = collect(d.env, _expand_tasks(d.env, d.tasks), c["episodes"], store, workers=int(c.get("workers", 2)),
+                      seed=int(c.get("seed", 0)), image_size=tuple(c.get("image_size", (64, 64))),
+                      cameras=c.get("cameras"), max_steps=c.get("max_steps"), resume=store.exists(),
+                      env_kwargs=c.get("env_kwargs"), progress=False)
+    if summary.get("interrupted") or summary.get("errors"):
+        raise RuntimeError(f"[data {d.name}] collection into {store} did not finish (interrupted or errors: "
+                           f"{summary.get('errors', [])[:3]}); run the row again to resume it")
+    _write_json({"summary": summary, "collect_s": time.perf_counter() - t0}, marker)
 
 
 # -- 2. training ----------------------------------------------------------------------------------------------------
@@ -147,14 +162,11 @@ def _init_from_row(study: Study, row: Row, run_dir: Path, log: Log, deadline: De
     its training record; ``trained_now`` says this session trained it (its GPU time is then this row's too). A
     run of this row started from other weights (that source retrained since) is an error, never a silent mix."""
     src = study.rows[row.method["init_from_row"]]
-    src_summary = study.out_dir / "rows" / src.name / "train" / "summary.json"
-    before = read_json(src_summary) if src_summary.is_file() else None
     base = train_row(study, src, log, deadline)
     if not base["checkpoints"]:
         raise RuntimeError(f"[{row.name}] init_from_row {src.name}: its training left no checkpoint")
     ckpt = base["checkpoints"][-1][1]
-    trained_now = (before is None or before.get("stopped") == "stop_after"
-                   or int(before.get("steps", -1)) != base["steps"])
+    trained_now = bool(base["trained_this_session"])  # not when another process trained it while this one waited
     marker = run_dir / "init_from.json"
     ident = _weights_id(ckpt)
     if marker.is_file() and read_json(marker).get("weights") != ident:
@@ -187,20 +199,21 @@ def _train_chunkpolicy(study: Study, row: Row, run_dir: Path, stores: list[tuple
         cfg = load_config(m["config"], ov)
     except ConfigError as e:
         raise StudyError(f"rows.{row.name}.method: {e}") from None
-    summary_path = run_dir / "summary.json"
-    latest = CheckpointManager(run_dir).latest()
-    done = None
-    if summary_path.is_file() and latest is not None:
-        s = read_json(summary_path)
-        if int(s.get("steps", -1)) == int(latest.name.split("_")[-1]) and (
-                s.get("stopped") == "max_minutes" or int(s["steps"]) >= cfg.train.steps):
-            done = s
-    if done is None:
-        deadline.check(f"training {row.name}")
-        log(f"[{row.name}] training {row.label} into {run_dir}" + (f" (resuming from {latest.name})" if latest else ""))
-        done = _fit(cfg, latest is not None, deadline)
-        if done.get("stopped") == "stop_after":
-            raise SessionLimit(f"[{row.name}] training paused at step {done['steps']} (checkpoint {done['checkpoint']})")
+    with _lock(run_dir.parent / "train.lock", f"{row.name} training", log):
+        summary_path = run_dir / "summary.json"
+        latest = CheckpointManager(run_dir).latest()
+        done, trained = None, False
+        if summary_path.is_file() and latest is not None:
+            s = read_json(summary_path)
+            if int(s.get("steps", -1)) == int(latest.name.split("_")[-1]) and (
+                    s.get("stopped") == "max_minutes" or int(s["steps"]) >= cfg.train.steps):
+                done = s
+        if done is None:
+            deadline.check(f"training {row.name}")
+            log(f"[{row.name}] training {row.label} into {run_dir}" + (f" (resuming from {latest.name})" if latest else ""))
+            done, trained = _fit(cfg, latest is not None, deadline), True
+            if done.get("stopped") == "stop_after":
+                raise SessionLimit(f"[{row.name}] training paused at step {done['steps']} (checkpoint {done['checkpoint']})")
     ckpts = [(step, str(p)) for step, p in CheckpointManager(run_dir).checkpoints()]
     minutes = float(done.get("total_time_s") or 0.0) / 60
     gpus = _gpus_of(done.get("device"), int(done.get("processes", 1)))
@@ -215,7 +228,8 @@ def _train_chunkpolicy(study: Study, row: Row, run_dir: Path, stores: list[tuple
                     "start-up, data loading and model building of each session not included: startup_s_last_session)",
             "config": {"file": m["config"], "overrides": ov},
             "datasets": [{"name": d.name, "store": str(p), "weight": w} for d, p, w in stores],
-            "mixture_probs": (done.get("data") or {}).get("mixture_probs"), "init_from": init}
+            "mixture_probs": (done.get("data") or {}).get("mixture_probs"), "init_from": init,
+            "trained_this_session": trained}
 
 
 def train_row(study: Study, row: Row, log: Log = print, deadline: Deadline | None = None) -> dict[str, Any]:
@@ -231,7 +245,8 @@ def train_row(study: Study, row: Row, log: Log = print, deadline: Deadline | Non
         from chunkpolicy.study.lerobot_train import train_lerobot
 
         store = Path(ensure_data(row, log)["store"])
-        return train_lerobot(study, row, run_dir, store, log, deadline, lambda r: train_row(study, r, log, deadline))
+        with _lock(run_dir.parent / "train.lock", f"{row.name} training", log):
+            return train_lerobot(study, row, run_dir, store, log, deadline, lambda r: train_row(study, r, log, deadline))
     stores = [(d, Path(ensure_source(d, log)["store"]), w) for d, w in row.train_data]
     return _train_chunkpolicy(study, row, run_dir, stores, log, deadline)
 
@@ -321,12 +336,21 @@ def run_row(study: Study, name: str, *, force: bool = False, log: Log = print,
     session stops (:class:`SessionLimit`) once that time is up: training at its next step with a checkpoint, LeRobot
     training at the cap (it continues from its last saved checkpoint), evaluation before the next checkpoint's
     evaluation, or already when fewer than ``eval_reserve_minutes`` are left for it (an evaluation cut off by a hard
-    time limit would be redone from its start); rerunning the command continues."""
+    time limit would be redone from its start); rerunning the command continues. Rows may run in parallel processes:
+    a row, a row's training and a data source's collection are each done by one process at a time, under a lock
+    (``row.lock``, ``train.lock`` in ``out_dir/rows/<row>/``, ``<data>.zarr.lock``); another process that needs
+    the same training or data waits, then reuses it."""
     deadline = Deadline(session_minutes)
-    import torch
-
     if name not in study.rows:
         raise StudyError(f"row {name!r} is not in {study.path}; rows: {sorted(study.rows)}")
+    with _lock(study.out_dir / "rows" / name / "row.lock", name, log):
+        return _run_row(study, name, force, log, deadline, eval_reserve_minutes)
+
+
+def _run_row(study: Study, name: str, force: bool, log: Log, deadline: Deadline,
+             eval_reserve_minutes: float) -> dict[str, Any]:
+    import torch
+
     row = study.rows[name]
     out = row_result_path(study, name)
     if out.is_file() and not force:
