@@ -42,14 +42,27 @@ def test_bad_options():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective, sampler", [("diffusion", "ddim"), ("diffusion", "dpmsolver"), ("flow", "ddim")])
-def test_dit_learns_both_modes(objective, sampler):
+@pytest.mark.parametrize("objective, samplers", [("diffusion", ("ddim", "dpmsolver")), ("flow", ("ddim",))])
+def test_dit_learns_both_modes(objective, samplers):
+    """Trained once per objective; every sampler of that objective decodes the same weights (training does not
+    depend on the sampler)."""
+    import dataclasses
+
+    from chunkpolicy.models.policy import ChunkPolicy
+
     H = 4
-    head = DiTConfig(objective=objective, sampler=sampler, depth=2, hidden=64, num_steps=10)
+    head = DiTConfig(objective=objective, sampler=samplers[0], depth=2, hidden=64, num_steps=10)
     policy, space, loss = train_two_mode(head, steps=300, H=H)
-    up, down, middle = mode_fractions(policy, space, H)
-    print(f"dit {objective}/{sampler} two-mode: +1 {up:.2f}, -1 {down:.2f}, near 0 {middle:.2f}, final loss {loss.item():.3f}")
-    assert up >= 0.2 and down >= 0.2 and middle <= 0.1
+    for sampler in samplers:
+        if sampler != samplers[0]:
+            cfg = dataclasses.replace(policy.config, head=dataclasses.replace(head, sampler=sampler))
+            other = ChunkPolicy(cfg, space, policy.normalizer.stats, tokenizer=policy.tokenizer)
+            other.load_state_dict(policy.state_dict())
+            policy = other
+        up, down, middle = mode_fractions(policy, space, H)
+        print(f"dit {objective}/{sampler} two-mode: +1 {up:.2f}, -1 {down:.2f}, near 0 {middle:.2f}, "
+              f"final loss {loss.item():.3f}")
+        assert up >= 0.2 and down >= 0.2 and middle <= 0.1, sampler
 
 
 def test_siglip_variant_with_dit():
