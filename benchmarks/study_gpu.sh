@@ -1,11 +1,20 @@
 #!/bin/bash
 # Advance the issue-16 study on a GPU host of the device tool: one device `run` call = one run of this script.
 #
-#   run(command="bash benchmarks/study_gpu.sh 4c-ml45test20-full 4c-ml45test20-lora 4c-ml45test20-head_only",
+#   run(command="bash benchmarks/study_gpu.sh 4c-pretrain 4c-ml45test20-full,4c-ml45test20-lora+4c-ml45test5-full,4c-ml45test5-lora",
 #       carry=["wheels", ".simpkgs", ".gl", "runs/study/data/xemb_sims.tar.xz"], timeout_s=600)
 #   ... then the same call again, at once, until status.txt says done for every row (about 3 calls for this lease)
 #
-# It sources benchmarks/gpu_env.sh (installs the carried wheels, MUJOCO_GL=egl), then runs the given rows in order,
+# Arguments are stages, run in order; a stage is a row, or streams joined by `+` that run in parallel processes, each
+# stream being rows joined by `,` in order, e.g. (the 4c lease: the pretrain once, then both post-train sets at once):
+#   bash benchmarks/study_gpu.sh 4c-pretrain \
+#       4c-ml45test20-full,4c-ml45test20-lora,4c-ml45test20-head_only+4c-ml45test5-full,4c-ml45test5-lora,4c-ml45test5-head_only
+# Parallel rows are safe: a row's training and a data source's collection run under a lock, so rows that need the same
+# pretrain or data wait for the process doing it and reuse it (chunkpolicy.study.runner). Only rows whose budget is
+# optimizer steps belong in parallel streams (the 4c rows); 4a's 10-minute rows would get fewer steps when sharing.
+#
+# It sources benchmarks/gpu_env.sh (installs the carried wheels, MUJOCO_GL=egl; GPU_ENV=FILE sources another, e.g.
+# /dev/null on a machine already set up), then runs the given rows in order,
 # each `python -m chunkpolicy.study.cli run ROW --study $STUDY --session-minutes M --eval-reserve-minutes R`
 # (= `chunkpolicy study run ...`), with M = the time left in this call less 45 s: training pauses there with
 # a checkpoint, an evaluation starts only when R = EVAL_RESERVE_MIN minutes are left for it, and a `timeout` stops a
@@ -52,7 +61,7 @@ STATUS="$OUT/status.txt"
 : > "$STATUS"
 if [ $# -eq 0 ]; then echo "usage: bash benchmarks/study_gpu.sh ROW [ROW ...]" >&2; exit 2; fi
 
-source benchmarks/gpu_env.sh >> "$LOG" 2>&1
+source "${GPU_ENV:-benchmarks/gpu_env.sh}" >> "$LOG" 2>&1
 end=$(python -c "print(int($t0 + 60 * $CALL_MIN))")
 results_dir=$(python -c "from chunkpolicy.study.config import load_study; print(load_study('$STUDY').results_dir)" 2>>"$LOG")
 data_dir=$(python -c "from chunkpolicy.study.config import load_study; print(load_study('$STUDY').out_dir / 'data')" 2>>"$LOG")
@@ -78,35 +87,62 @@ done
   echo "setup: $(( $(date +%s) - t0 )) s"
 } >> "$STATUS"
 
-finished=()
-code=0  # 0: every row done; 3: some not done yet (call again); 1: a row failed
-for row in "$@"; do
+# one row: its outcome goes to status.txt and to $STATE (done / notyet / failed lines, read after parallel streams)
+STATE=$(mktemp)
+run_one() {
+  local row=$1 now left_min session r0 rc mins
   now=$(date +%s)
   left_min=$(python -c "print(round(($end - $now) / 60, 2))")
   session=$(python -c "print(round($left_min - 0.75, 2))")
-  if python -c "import sys; sys.exit(0 if $session >= 1.5 else 1)"; then :; else
-    echo "$row: not started ($left_min min left in this call)" >> "$STATUS"
-    [ $code -eq 0 ] && code=3
-    continue
+  if ! python -c "import sys; sys.exit(0 if $session >= 1.5 else 1)"; then
+    echo "$row: not started ($left_min min left in this call)" >> "$STATUS"; echo "notyet $row" >> "$STATE"
+    return 3
   fi
   echo "=== $row: session $session min (call time left $left_min min) ===" >> "$LOG"
   r0=$(date +%s)
-  # the hard stop: the row's own deadline ends it ~30 s earlier (a paused training writes its checkpoint in that time)
+  # the hard stop: the row's own deadline ends it ~30 s earlier (a paused training writes its checkpoint in that time);
+  # every line of its output is prefixed with the row's name (parallel streams share the log)
   timeout --signal=TERM --kill-after=10 $(( end - now - 15 )) \
     python -m chunkpolicy.study.cli run "$row" --study "$STUDY" --session-minutes "$session" \
-    --eval-reserve-minutes "$EVAL_RESERVE_MIN" >> "$LOG" 2>&1
-  rc=$?
+    --eval-reserve-minutes "$EVAL_RESERVE_MIN" 2>&1 | sed -u "s/^/$row | /" >> "$LOG"
+  rc=${PIPESTATUS[0]}
   mins=$(python -c "print(round(($(date +%s) - $r0) / 60, 1))")
   case $rc in
-    0) echo "$row: done ($mins min)" >> "$STATUS"; finished+=("$row") ;;
-    3) echo "$row: not done yet, session time up ($mins min); call again with the same rows" >> "$STATUS"
-       [ $code -eq 0 ] && code=3; break ;;
-    124|137) echo "$row: stopped by the call's time limit ($mins min); call again (it resumes)" >> "$STATUS"
-       [ $code -eq 0 ] && code=3; break ;;
+    0) echo "$row: done ($mins min)" >> "$STATUS"; echo "done $row" >> "$STATE"; return 0 ;;
+    3) echo "$row: not done yet, session time up ($mins min); call again with the same rows" >> "$STATUS" ;;
+    124|137) echo "$row: stopped by the call's time limit ($mins min); call again (it resumes)" >> "$STATUS" ;;
     *) echo "$row: FAILED with exit code $rc ($mins min); see study_gpu.log" >> "$STATUS"
-       tail -5 "$LOG" | sed 's/^/    /' >> "$STATUS"; code=1 ;;
+       grep "^$row | " "$LOG" | tail -5 | sed 's/^/    /' >> "$STATUS"; echo "failed $row" >> "$STATE"; return 1 ;;
   esac
+  echo "notyet $row" >> "$STATE"; return 3
+}
+# one stream: ROW,ROW,... in order; it stops at a row that is not done (a later row may need it), goes on after a failure
+run_stream() {
+  local rows row
+  IFS=, read -ra rows <<< "$1"
+  for row in "${rows[@]}"; do
+    run_one "$row"; [ $? -eq 3 ] && return 3
+  done
+  return 0
+}
+for stage in "$@"; do  # stages in order; STREAM+STREAM+... run in parallel processes
+  IFS=+ read -ra streams <<< "$stage"
+  if [ ${#streams[@]} -eq 1 ]; then
+    run_stream "$stage" || { [ $? -eq 3 ] && break; }
+  else
+    echo "=== parallel streams: ${streams[*]} ===" >> "$LOG"
+    pids=()
+    for st in "${streams[@]}"; do run_stream "$st" & pids+=($!); done
+    notyet=0
+    for pid in "${pids[@]}"; do wait "$pid" || { [ $? -eq 3 ] && notyet=1; }; done
+    [ $notyet -eq 1 ] && break
+  fi
 done
+finished=($(awk '$1 == "done" {print $2}' "$STATE"))
+code=0  # 0: every row done; 3: some not done yet (call again); 1: a row failed
+grep -q "^notyet " "$STATE" && code=3
+grep -q "^failed " "$STATE" && code=1
+rm -f "$STATE"
 
 # results: the row JSONs and the small per-row records, never checkpoints, videos or TensorBoard event files
 files=$( { ls "$results_dir"/*.json 2>/dev/null
