@@ -21,7 +21,6 @@ Safety (issue 14):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import uuid

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from chunkpolicy.data.store import EpisodeStore
 from chunkpolicy.delta_actions import DeltaActions
 from chunkpolicy.normalize import compute_stats
-from chunkpolicy.spaces import EmbodimentSpec, UnifiedSpace
+from chunkpolicy.spaces import UnifiedSpace
 
 
 _cv2: Any = None

@@ -177,7 +177,6 @@ def collect(
     out = Path(out)
     store = _open_store(out, spec, spec.control_hz, {c: kwargs["image_size"] for c in spec.cameras}, overwrite, resume)
 
-    prompt_to_task = {env_task_prompt(env_name, t): t for t in tasks}
     done_pairs = {(store.episode_task(i), store.episode_seed(i)) for i in range(len(store))} if resume else set()
     jobs = [(env_name, t, seed + j, kwargs, keep_failures) for t in tasks for j in range(episodes_per_task)
             if (env_task_prompt(env_name, t), seed + j) not in done_pairs]

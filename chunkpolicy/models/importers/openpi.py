@@ -17,7 +17,6 @@ write prompts as they were trained.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
