@@ -12,6 +12,8 @@
 # Parallel rows are safe: a row's training and a data source's collection run under a lock, so rows that need the same
 # pretrain or data wait for the process doing it and reuse it (chunkpolicy.study.runner). Only rows whose budget is
 # optimizer steps belong in parallel streams (the 4c rows); 4a's 10-minute rows would get fewer steps when sharing.
+# Rows of a parallel stage record gpu_shared_by = the number of streams: their training minutes, samples/s and chunk
+# latency were measured on a shared GPU, and the aggregate counts 1/n of their GPU-minutes in the study's total.
 #
 # It sources benchmarks/gpu_env.sh (installs the carried wheels, MUJOCO_GL=egl; GPU_ENV=FILE sources another, e.g.
 # /dev/null on a machine already set up), then runs the given rows in order,
@@ -132,7 +134,8 @@ for stage in "$@"; do  # stages in order; STREAM+STREAM+... run in parallel proc
   else
     echo "=== parallel streams: ${streams[*]} ===" >> "$LOG"
     pids=()
-    for st in "${streams[@]}"; do run_stream "$st" & pids+=($!); done
+    # the rows record that n processes shared the GPU (their minutes and latency are not solo figures)
+    for st in "${streams[@]}"; do ( export CHUNKPOLICY_STUDY_SHARED_GPU=${#streams[@]}; run_stream "$st" ) & pids+=($!); done
     notyet=0
     for pid in "${pids[@]}"; do wait "$pid" || { [ $? -eq 3 ] && notyet=1; }; done
     [ $notyet -eq 1 ] && break

@@ -91,11 +91,12 @@ class FileLock:
     The holder writes its pid into the file, so a waiting process can say whom it waits for. ``timeout`` seconds
     (None: wait as long as it takes; 0: fail at once) before :class:`LockTimeout`; ``on_wait(holder_pid)`` is called
     once when the lock is busy. The lock is released when the holder exits in any way (the kernel drops a dead
-    process's flock), so a killed holder never leaves it stuck. Use as a context manager."""
+    process's flock), so a killed holder never leaves it stuck. ``create_parent=False``: a missing folder is an error
+    (a lock inside a store must not recreate a deleted store). Use as a context manager."""
 
     def __init__(self, path: str | os.PathLike, timeout: float | None = None,
-                 on_wait: Callable[[str], None] | None = None) -> None:
-        self.path, self.timeout, self.on_wait = Path(path), timeout, on_wait
+                 on_wait: Callable[[str], None] | None = None, create_parent: bool = True) -> None:
+        self.path, self.timeout, self.on_wait, self.create_parent = Path(path), timeout, on_wait, create_parent
         self._fd: int | None = None
 
     def holder(self, fd: int) -> str:
@@ -105,7 +106,8 @@ class FileLock:
             return "unknown"
 
     def __enter__(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.create_parent:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         t0, told = time.monotonic(), False
         try:

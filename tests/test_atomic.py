@@ -74,3 +74,10 @@ def test_file_lock_timeout_names_the_holder_and_a_killed_holder_frees_it(tmp_pat
     holder.wait(10)
     with FileLock(lock, timeout=2.0):  # the kernel dropped the dead process's lock
         pass
+
+
+def test_file_lock_without_create_parent_refuses_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        with FileLock(tmp_path / "deleted_store.zarr" / ".write.lock", create_parent=False):
+            pass
+    assert not (tmp_path / "deleted_store.zarr").exists()  # a lock never recreates a deleted store

@@ -304,7 +304,7 @@ def test_session_limit_pauses_training_with_a_checkpoint_then_continues(row_a, t
     study = load_study(path)
     with pytest.raises(SessionLimit, match="before training a-flow"):
         run_row(study, "a-flow", session_minutes=0)  # already over: nothing starts
-    monkeypatch.setattr(Deadline, "check", lambda self, what: None)  # let training start: the timer then stops it
+    monkeypatch.setattr(Deadline, "check", lambda self, what, need_s=0.0: None)  # let training start: the timer then stops it
     with pytest.raises(SessionLimit, match="training paused at step"):
         run_row(study, "a-flow", session_minutes=0)
     monkeypatch.undo()
@@ -362,7 +362,7 @@ def test_parallel_posttrain_rows_train_their_shared_pretrain_once(row_a, tmp_pat
 
     src, _ = row_a
     path = _xemb_study(tmp_path, src / "work" / "data" / "reach.zarr")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CHUNKPOLICY_STUDY_SHARED_GPU": "2"}  # as study_gpu.sh sets it
     procs = {row: subprocess.Popen([sys.executable, "-m", "chunkpolicy.study.cli", "run", row, "--study", str(path)],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for row in ("c-lora", "c-head_only")}
@@ -379,3 +379,9 @@ def test_parallel_posttrain_rows_train_their_shared_pretrain_once(row_a, tmp_pat
     assert inits[trained[0]]["trained_now"] is True and inits[other]["trained_now"] is False
     sessions = json.loads((tmp_path / "work" / "rows" / "c-pretrain" / "train" / "summary.json").read_text())
     assert sessions["steps"] == 2
+    # both rows say their minutes and latency were measured on a shared GPU; the study total counts half of each
+    from chunkpolicy.study.aggregate import aggregate
+
+    assert all(r["gpu_shared_by"] == 2 for r in res.values())
+    md = Path(aggregate(tmp_path / "results", tmp_path / "agg")["markdown"]).read_text()
+    assert md.count("(GPU shared by 2 rows)") == 2

@@ -243,7 +243,7 @@ class EpisodeStore:
         if self._lock is not None:
             yield
             return
-        lock = FileLock(self.path / LOCK_FILE, timeout=self.lock_timeout)
+        lock = FileLock(self.path / LOCK_FILE, timeout=self.lock_timeout, create_parent=False)
         try:
             lock.__enter__()
         except LockTimeout as e:

@@ -62,6 +62,8 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         t, lat = r.get("train") or {}, r.get("latency") or {}
         gpu = "shared with " + t["source_row"] if t.get("source_row") else _num(r.get("gpu_minutes"))
+        if int(r.get("gpu_shared_by") or 1) > 1:  # minutes and latency measured beside other rows on the GPU
+            gpu += f" (GPU shared by {r['gpu_shared_by']} rows)"
         init = t.get("init_from") or {}
         if init.get("trained_now") and not t.get("source_row"):
             gpu += f" (incl. {init['row']}'s training)"
@@ -127,13 +129,14 @@ def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None
         raise ValueError(f"{directory}: no row results (*.json with 'row' and 'success'); run `chunkpolicy study run` first")
     out = Path(out or directory)
     out.mkdir(parents=True, exist_ok=True)
-    total = sum(float(r.get("gpu_minutes") or 0.0) for r in rows)
+    total = sum(float(r.get("gpu_minutes") or 0.0) / int(r.get("gpu_shared_by") or 1) for r in rows)
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(str(r.get("group")), []).append(r)
     md = [f"# Study results ({len(rows)} rows)", "",
           f"Total GPU cost of these rows: **{total:.1f} GPU-minutes** ({total / 60:.2f} GPU-hours; training + "
-          "evaluation; a row that reuses another row's checkpoint counts only its evaluation). Success: 95% Wilson "
+          "evaluation; a row that reuses another row's checkpoint counts only its evaluation; a row that ran while n rows "
+          "shared the GPU counts 1/n of its minutes, an approximation). Success: 95% Wilson "
           "intervals. Commits: " + ", ".join(sorted({str((r.get('git') or {}).get('commit') or '?')[:7]
                                                       + ('+dirty' if (r.get('git') or {}).get('dirty') else '')
                                                       for r in rows})) + ".", ""]

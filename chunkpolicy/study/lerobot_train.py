@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from chunkpolicy.atomic import read_json
 from chunkpolicy.study.config import Row, Study, StudyError
-from chunkpolicy.study.session import Deadline, Log, SessionLimit, write_json
+from chunkpolicy.study.session import Deadline, Log, SessionLimit, study_lock, write_json
 
 __all__ = ["LEROBOT_DONE", "lerobot_checkpoints", "lerobot_train_command", "train_lerobot"]
 
@@ -77,6 +77,18 @@ def lerobot_train_command(row: Row, dataset_root: Path, out: Path, steps: int, r
                   *[str(a) for a in row.method.get("args", [])]]
 
 
+def ensure_lerobot_export(store: Path, ds_root: Path, repo_id: str, log: Log, export: Callable[..., Any]) -> None:
+    """The store exported as a LeRobotDataset at ``ds_root`` (``export`` = :func:`chunkpolicy.data.lerobot_io.
+    export_lerobot`, atomic: present means complete), once: rows in parallel processes share it, one writes it and the
+    others wait on its lock and reuse it."""
+    if (ds_root / "meta" / "info.json").is_file():
+        return
+    with study_lock(ds_root.with_name(ds_root.name + ".lock"), f"data {ds_root.name}", log):
+        if not (ds_root / "meta" / "info.json").is_file():
+            log(f"exporting {store} to LeRobotDataset {ds_root}")
+            export(store, ds_root, repo_id=repo_id, progress=False)
+
+
 def train_lerobot(study: Study, row: Row, run_dir: Path, store: Path, log: Log, deadline: Deadline,
                   train_source: Callable[[Row], dict[str, Any]]) -> dict[str, Any]:
     """Train (or resume, or reuse) a LeRobot row; returns its training record. ``train_source(row)`` trains a
@@ -87,9 +99,7 @@ def train_lerobot(study: Study, row: Row, run_dir: Path, store: Path, log: Log, 
     if not marker.is_file():
         steps = _lerobot_steps(study, row, log, train_source)
         ds_root = study.out_dir / "data" / f"{row.data.name}_lerobot"
-        if not (ds_root / "meta" / "info.json").is_file():  # export is atomic: present means complete
-            log(f"[{row.name}] exporting {store} to LeRobotDataset {ds_root}")
-            export_lerobot(store, ds_root, repo_id=f"local/{row.data.name}", progress=False)
+        ensure_lerobot_export(store, ds_root, f"local/{row.data.name}", log, export_lerobot)
         have = _lerobot_resumable(run_dir)
         if have is None and run_dir.exists():  # a start that saved nothing: LeRobot refuses an existing output dir
             shutil.rmtree(run_dir)

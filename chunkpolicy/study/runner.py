@@ -38,18 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chunkpolicy.atomic import FileLock, read_json
+from chunkpolicy.atomic import read_json
 from chunkpolicy.study.config import TASK_SETS, DataSource, Row, Study, StudyError
-from chunkpolicy.study.session import Deadline, Log, SessionLimit, write_json as _write_json
+from chunkpolicy.study.session import Deadline, Log, SessionLimit, gpu_shared_by, study_lock as _lock
+from chunkpolicy.study.session import write_json as _write_json
 
 __all__ = ["run_row", "row_result_path", "ensure_data", "ensure_source", "train_row", "chunk_latency", "git_info",
            "row_command", "SessionLimit", "Deadline"]  # SessionLimit, Deadline: from chunkpolicy.study.session
-
-def _lock(path: Path, what: str, log: Log) -> FileLock:
-    """Serialize ``what`` between ``study run`` processes running at the same time (parallel streams of
-    ``benchmarks/study_gpu.sh``): the second waits for the first, then finds the work done and reuses it."""
-    return FileLock(path, on_wait=lambda pid: log(f"[{what}] waiting for process {pid}, which holds {path}"))
-
 
 def row_result_path(study: Study, name: str) -> Path:
     return study.results_dir / f"{name}.json"
@@ -166,15 +161,23 @@ def _init_from_row(study: Study, row: Row, run_dir: Path, log: Log, deadline: De
     if not base["checkpoints"]:
         raise RuntimeError(f"[{row.name}] init_from_row {src.name}: its training left no checkpoint")
     ckpt = base["checkpoints"][-1][1]
-    trained_now = bool(base["trained_this_session"])  # not when another process trained it while this one waited
+    if base.get("stopped") == "max_minutes":
+        log(f"[{row.name}] WARNING: init_from_row {src.name} stopped at its max_minutes cap after {base['steps']} "
+            "steps, not at its step budget: this post-training starts from a shorter pretrain")
     marker = run_dir / "init_from.json"
     ident = _weights_id(ckpt)
-    if marker.is_file() and read_json(marker).get("weights") != ident:
+    old = read_json(marker) if marker.is_file() else None
+    if old is not None and old.get("weights") != ident:
         raise StudyError(f"rows.{row.name}: its run in {run_dir} started from other weights than {ckpt} (row "
                          f"{src.name} was retrained since); delete {run_dir} to post-train again")
-    if not marker.is_file():
-        _write_json({"row": src.name, "checkpoint": ckpt, "weights": ident}, marker)
+    # this row trained its source in this session, or in an earlier one of this same run (a row can span sessions);
+    # not when another process trained it while this one waited on its lock
+    trained_now = bool(base["trained_this_session"]) or bool((old or {}).get("source_trained_for_this_row"))
+    if old is None or bool(old.get("source_trained_for_this_row")) != trained_now:
+        _write_json({"row": src.name, "checkpoint": ckpt, "weights": ident, "source_trained_for_this_row": trained_now},
+                    marker)
     return {"row": src.name, "checkpoint": ckpt, "steps": base["steps"], "trained_now": trained_now,
+            "stopped": base.get("stopped"),
             "gpu_minutes": base.get("gpu_minutes"), "wall_minutes": base.get("wall_minutes"),
             "final_train_loss": base.get("final_train_loss"), "datasets": base.get("datasets")}
 
@@ -209,7 +212,7 @@ def _train_chunkpolicy(study: Study, row: Row, run_dir: Path, stores: list[tuple
                     s.get("stopped") == "max_minutes" or int(s["steps"]) >= cfg.train.steps):
                 done = s
         if done is None:
-            deadline.check(f"training {row.name}")
+            deadline.check(f"training {row.name}", 90.0)  # start-up alone (build, compile, capture) takes about a minute
             log(f"[{row.name}] training {row.label} into {run_dir}" + (f" (resuming from {latest.name})" if latest else ""))
             done, trained = _fit(cfg, latest is not None, deadline), True
             if done.get("stopped") == "stop_after":
@@ -300,9 +303,11 @@ def chunk_latency(kind: str, checkpoint: str, env: str, task: str, env_kwargs: d
 
 
 def _eval_one(row: Row, kind: str, checkpoint: str, tasks: list[str], out: Path, device: str, log: Log,
-              command: str, force: bool = False, episodes: int | None = None) -> dict[str, Any]:
+              command: str, force: bool = False, episodes: int | None = None, deadline: Deadline | None = None,
+              reserve_s: float = 0.0) -> dict[str, Any]:
     """Evaluate one checkpoint with the row's eval settings (``episodes`` per task instead of ``row.eval``'s when
-    given); a finished evaluation of the same checkpoint and settings is reused."""
+    given); a finished evaluation of the same checkpoint and settings is reused. An evaluation that must run starts
+    only with ``reserve_s`` seconds left before ``deadline`` (:class:`SessionLimit` otherwise)."""
     from chunkpolicy.evaluation.cli import run_eval
 
     ev = {**row.eval, "episodes": int(episodes or row.eval["episodes"])}
@@ -317,6 +322,8 @@ def _eval_one(row: Row, kind: str, checkpoint: str, tasks: list[str], out: Path,
         if old.get("study_key") == key:
             log(f"[{row.name}] reusing the evaluation in {out}")
             return old
+    if deadline is not None:
+        deadline.check(f"evaluating {checkpoint}", reserve_s)
     log(f"[{row.name}] evaluating {checkpoint} ({ev['episodes']} episodes/task × {len(tasks)} tasks, {ev['executor']})")
     t0 = time.perf_counter()
     res = run_eval(None if kind == "lerobot" else checkpoint, row.data.env, tasks, episodes=ev["episodes"],
@@ -371,15 +378,15 @@ def _run_row(study: Study, name: str, force: bool, log: Log, deadline: Deadline,
     for i, (step, ck) in enumerate(ckpts):
         label = f"step_{int(step):06d}"
         last = i == len(ckpts) - 1
-        if not (study.out_dir / "rows" / name / "eval" / label / "results.json").is_file():
-            deadline.check(f"evaluating {ck}", 60.0 * eval_reserve_minutes)
         res = _eval_one(row, kind, ck, tasks, study.out_dir / "rows" / name / "eval" / label, device, log, command,
-                        force, episodes=None if last else row.eval.get("curve_episodes"))
+                        force, episodes=None if last else row.eval.get("curve_episodes"), deadline=deadline,
+                        reserve_s=60.0 * eval_reserve_minutes)
         evals.append({"step": int(step), "checkpoint": ck, "results": str(study.out_dir / "rows" / name / "eval" / label
                                                                           / "results.json"),
                       "episodes_per_task": int(res["study_key"]["episodes"]),
                       "mean": res["summary"]["policy"]["mean"], "eval_wall_s": res.get("eval_wall_s")})
     final = res
+    shared = gpu_shared_by()
     latency = chunk_latency(kind, ckpts[-1][1], row.data.env, tasks[0], final["env_kwargs"], device=device,
                             calls=int(row.eval["latency_calls"]), num_steps=row.eval["num_steps"])
     eval_min = sum(float(e["eval_wall_s"] or 0.0) for e in evals) / 60
@@ -399,6 +406,9 @@ def _run_row(study: Study, name: str, force: bool, log: Log, deadline: Deadline,
         "success_vs_steps": evals,
         "latency": latency,
         # a row's own training and evaluation, plus its init_from_row's training when this session had to redo it
+        # rows run in parallel streams on one GPU (benchmarks/study_gpu.sh): minutes, samples/s and the latency were
+        # measured while n row processes shared it; the study's total counts such a row's GPU-minutes / n
+        "gpu_shared_by": shared,
         "gpu_minutes": (0.0 if train.get("source_row") else float(train.get("gpu_minutes") or 0.0)) + eval_min * eval_gpus
                        + (float(init.get("gpu_minutes") or 0.0) if init.get("trained_now") else 0.0),
         "row_wall_minutes_this_session": (time.perf_counter() - t_start) / 60,

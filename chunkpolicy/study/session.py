@@ -1,15 +1,20 @@
-"""What every stage of a study row shares: the session deadline (``--session-minutes``) and atomic JSON writes."""
+"""What every stage of a study row shares: the session deadline (``--session-minutes``), atomic JSON writes, the
+locks that let rows run in parallel processes, and how many rows share the GPU."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from chunkpolicy.atomic import atomic_file
+from chunkpolicy.atomic import FileLock, atomic_file
 
-__all__ = ["Log", "SessionLimit", "Deadline", "write_json"]
+__all__ = ["Log", "SessionLimit", "Deadline", "write_json", "study_lock", "gpu_shared_by", "SHARED_GPU_ENV"]
+
+# set by benchmarks/study_gpu.sh for rows it runs in parallel streams: how many row processes share the GPU
+SHARED_GPU_ENV = "CHUNKPOLICY_STUDY_SHARED_GPU"
 
 Log = Callable[[str], None]
 
@@ -41,3 +46,22 @@ def write_json(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def study_lock(path: Path, what: str, log: Log) -> FileLock:
+    """Serialize ``what`` between ``study run`` processes running at the same time (parallel streams of
+    ``benchmarks/study_gpu.sh``): the second waits for the first, then finds the work done and reuses it."""
+    return FileLock(path, on_wait=lambda pid: log(f"[{what}] waiting for process {pid}, which holds {path}"))
+
+
+def gpu_shared_by() -> int:
+    """How many row processes share this GPU (``CHUNKPOLICY_STUDY_SHARED_GPU``, default 1): their minutes, samples/s
+    and chunk latencies are then not solo figures, and the study's GPU total counts each such row's minutes / n."""
+    raw = os.environ.get(SHARED_GPU_ENV, "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{SHARED_GPU_ENV}={raw!r}: expected a positive int") from None
+    if n < 1:
+        raise ValueError(f"{SHARED_GPU_ENV}={raw!r}: expected a positive int")
+    return n
