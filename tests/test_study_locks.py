@@ -88,3 +88,32 @@ def test_gpu_shared_by_reads_the_study_scripts_count(monkeypatch):
     monkeypatch.setenv(SHARED_GPU_ENV, "0")
     with pytest.raises(ValueError, match=SHARED_GPU_ENV):
         gpu_shared_by()
+
+
+def test_smoke_study_keeps_what_decides_whether_a_row_runs_and_cuts_what_decides_how_long():
+    from chunkpolicy.study.smoke import SMOKE_OVERRIDES, smoke_study
+
+    real = load_study(Path(__file__).resolve().parents[1] / "configs" / "study" / "issue16.yaml")
+    smoke = smoke_study(real)
+    assert smoke.out_dir == real.out_dir / "smoke" and smoke.results_dir == real.out_dir / "smoke" / "results"
+    assert set(smoke.rows) == set(real.rows) and set(smoke.data) == set(real.data)
+    for name, d in smoke.data.items():
+        r = real.data[name]
+        assert d.env == r.env and len(d.tasks) <= 2 and Path(d.store).is_relative_to(smoke.out_dir)
+        assert d.collect["episodes"] == 1 and d.collect["cameras"] == r.collect["cameras"]
+        assert d.collect["image_size"] == r.collect["image_size"]
+    from chunkpolicy.sim.metaworld_env import ML45_TRAIN
+
+    assert real.data["ml45_train"].tasks == ["ML45_TRAIN"]
+    assert smoke.data["ml45_train"].tasks == list(ML45_TRAIN)[:2]  # a task set is expanded, then cut
+    for name, row in smoke.rows.items():
+        r = real.rows[name]
+        assert row.kind == r.kind and row.group == r.group and row.label == r.label
+        assert row.train["steps"] == 2 and row.eval["episodes"] == 1 and row.eval["device"] == "cpu"
+        assert row.eval["executor"] == r.eval["executor"]
+        assert [d.name for d, _ in row.train_data] == [d.name for d, _ in r.train_data]
+        assert all(d is smoke.data[d.name] for d, _ in row.train_data) and row.data is smoke.data[r.data.name]
+        if r.kind == "chunkpolicy":  # the real method, then the toy-scale overrides
+            assert row.method["overrides"] == list(r.method.get("overrides", [])) + list(SMOKE_OVERRIDES)
+            assert row.method.get("init_from_row") == r.method.get("init_from_row")
+    assert real.rows["4a-mt10-flow_expert"].train.get("steps") is None  # the real study is untouched

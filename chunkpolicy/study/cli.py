@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("row")
     r.add_argument("--study", required=True, help="study YAML (configs/study/*.yaml)")
     r.add_argument("--force", action="store_true", help="redo the row's evaluations and rewrite its results JSON")
+    r.add_argument("--smoke", action="store_true",
+                   help="the row at toy scale on this machine (2 tasks, 1 demo, 2 steps, 1 short episode; results in "
+                        "OUT_DIR/smoke/): checks that it runs before it costs GPU time; its numbers mean nothing")
     r.add_argument("--session-minutes", type=float, default=None, metavar="M",
                    help="stop this session after about M minutes (training ends at its next step with a checkpoint; "
                    "exit code 3 = not done yet, run the same command again), e.g. to fit a row into machine time slots")
@@ -81,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[data {d}] {info['episodes']} episodes, {info['frames']} frames in {info['store']}")
             return 0
         from chunkpolicy.study.runner import SessionLimit, run_row
+
+        if a.smoke:
+            from chunkpolicy.study.smoke import smoke_study
+
+            study = smoke_study(study)
 
         try:
             run_row(study, a.row, force=a.force, session_minutes=a.session_minutes,
