@@ -153,11 +153,11 @@ def run_config(args) -> dict:
             "final_loss": s["final_train_loss"], "run_dir": args.run_dir, "is_main": PartialState().is_main_process}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_synthetic_args(p: argparse.ArgumentParser, batch_default: int | None, batch_help: str) -> None:
+    """The synthetic-step options this script and ``multi_gpu.py`` share (model, batch, steps, precision, device)."""
     p.add_argument("--preset", default="small")
     p.add_argument("--head", default="flow_expert")
-    p.add_argument("--batch-size", type=int, default=None, help="per process (default 32; 4 with --quick)")
+    p.add_argument("--batch-size", type=int, default=batch_default, help=batch_help)
     p.add_argument("--horizon", type=int, default=50)
     p.add_argument("--cameras", type=int, default=2)
     p.add_argument("--action-dim", type=int, default=14)
@@ -166,6 +166,11 @@ def main(argv=None) -> int:
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     p.add_argument("--no-ema", dest="ema", action="store_false")
     p.add_argument("--cpu", action="store_true")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_synthetic_args(p, None, "per process (default 32; 4 with --quick)")
     p.add_argument("--find-unused-parameters", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny preset, few steps: a CPU smoke test")
     p.add_argument("--config", help="measure the real trainer on this experiment config instead")
