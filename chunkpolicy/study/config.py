@@ -63,7 +63,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["StudyError", "Study", "Row", "DataSource", "load_study", "EVAL_KEYS", "TRAIN_KEYS", "TASK_SETS"]
+__all__ = ["StudyError", "Study", "Row", "DataSource", "load_study", "expand_tasks", "EVAL_KEYS", "TRAIN_KEYS",
+           "TASK_SETS"]
 
 TOP_KEYS = {"name", "out_dir", "results_dir", "defaults", "data", "rows", "notes"}
 DATA_KEYS = {"env", "tasks", "collect", "store", "notes"}
@@ -169,6 +170,15 @@ def _tasks(env: str, tasks: Any, where: str, src: str) -> list[str]:
         raise StudyError(f"{where}.tasks: expected a non-empty list of task names [{src}]")
     if env == "metaworld" and len(tasks) == 1 and tasks[0].upper() in TASK_SETS:
         return [tasks[0].upper()]  # expanded by the runner (the simulator module is not imported here)
+    return list(tasks)
+
+
+def expand_tasks(env: str, tasks: list[str]) -> list[str]:
+    """A data source's task names, a Meta-World task set (``MT10``, ``ML45_TRAIN``, ...) expanded to its tasks."""
+    if env == "metaworld" and len(tasks) == 1 and tasks[0] in TASK_SETS:
+        from chunkpolicy.sim import metaworld_env
+
+        return list(getattr(metaworld_env, tasks[0]))
     return list(tasks)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from chunkpolicy.atomic import read_json
-from chunkpolicy.study.config import TASK_SETS, DataSource, Row, Study, StudyError
+from chunkpolicy.study.config import DataSource, Row, Study, StudyError, expand_tasks as _expand_tasks
 from chunkpolicy.study.session import Deadline, Log, SessionLimit, gpu_shared_by, study_lock as _lock
 from chunkpolicy.study.session import write_json as _write_json
 
@@ -73,14 +73,6 @@ def _machine() -> dict[str, Any]:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {"hostname": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
             "gpus": gpus, "cpu_count": os.cpu_count()}
-
-
-def _expand_tasks(env: str, tasks: list[str]) -> list[str]:
-    if env == "metaworld" and len(tasks) == 1 and tasks[0] in TASK_SETS:
-        from chunkpolicy.sim import metaworld_env
-
-        return list(getattr(metaworld_env, tasks[0]))
-    return list(tasks)
 
 
 # -- 1. data --------------------------------------------------------------------------------------------------------

@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from chunkpolicy.study.config import TASK_SETS, DataSource, Row, Study
+from chunkpolicy.study.config import DataSource, Row, Study, expand_tasks
 
 __all__ = ["smoke_study", "SMOKE_OVERRIDES"]
 
 # appended to every chunkpolicy row's overrides (later overrides win)
 SMOKE_OVERRIDES = ("train.batch_size=2", "data.num_workers=0", "train.progress=false", "train.log_every=1",
                    "train.warmup_steps=0", "train.compile=false", "train.cuda_graph=false", "train.cpu=true")
-
-
-def _tasks(d: DataSource) -> list[str]:
-    tasks = list(d.tasks)
-    if d.env == "metaworld" and len(tasks) == 1 and tasks[0] in TASK_SETS:
-        from chunkpolicy.sim import metaworld_env
-
-        tasks = list(getattr(metaworld_env, tasks[0]))
-    return tasks[:2]
 
 
 def smoke_study(study: Study) -> Study:
@@ -39,7 +30,7 @@ def smoke_study(study: Study) -> Study:
             data[name] = d
             continue
         collect = {**d.collect, "episodes": 1, "workers": 0}
-        data[name] = dataclasses.replace(d, tasks=_tasks(d), collect=collect, store=str(out / "data" / f"{name}.zarr"))
+        data[name] = dataclasses.replace(d, tasks=expand_tasks(d.env, d.tasks)[:2], collect=collect, store=str(out / "data" / f"{name}.zarr"))
     rows: dict[str, Row] = {}
     for name, r in study.rows.items():
         method = dict(r.method)
