@@ -6,9 +6,8 @@
 #   ... then the same call again, at once, until status.txt says done for every row (about 3 calls for this lease)
 #
 # Arguments are stages, run in order; a stage is a row, or streams joined by `+` that run in parallel processes, each
-# stream being rows joined by `,` in order, e.g. (the 4c lease: the pretrain once, then both post-train sets at once):
-#   bash benchmarks/study_gpu.sh 4c-pretrain \
-#       4c-ml45test20-full,4c-ml45test20-lora,4c-ml45test20-head_only+4c-ml45test5-full,4c-ml45test5-lora,4c-ml45test5-head_only
+# stream being rows joined by `,` in order, e.g. (4c lease A: the pretrain once, then two post-train streams at once):
+#   bash benchmarks/study_gpu.sh 4c-pretrain 4c-ml45test20-full,4c-ml45test20-lora+4c-ml45test5-full,4c-ml45test5-lora
 # Parallel rows are safe: a row's training and a data source's collection run under a lock, so rows that need the same
 # pretrain or data wait for the process doing it and reuse it (chunkpolicy.study.runner). Only rows whose budget is
 # optimizer steps belong in parallel streams (the 4c rows); 4a's 10-minute rows would get fewer steps when sharing.

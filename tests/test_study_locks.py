@@ -16,7 +16,9 @@ from chunkpolicy.study.lerobot_train import ensure_lerobot_export
 from chunkpolicy.study.session import SHARED_GPU_ENV, Deadline, SessionLimit, gpu_shared_by
 
 
-def test_lerobot_export_shared_by_parallel_rows_is_written_once(tmp_path):
+def test_lerobot_export_shared_by_parallel_rows_is_written_once(tmp_path, monkeypatch):
+    from chunkpolicy.data import lerobot_io
+
     calls, logs = [], []
 
     def slow_export(store, root, repo_id, progress):
@@ -25,9 +27,10 @@ def test_lerobot_export_shared_by_parallel_rows_is_written_once(tmp_path):
         (root / "meta").mkdir(parents=True)
         (root / "meta" / "info.json").write_text("{}")
 
+    monkeypatch.setattr(lerobot_io, "export_lerobot", slow_export)
     root = tmp_path / "mt10_lerobot"
     threads = [threading.Thread(target=ensure_lerobot_export, args=(tmp_path / "mt10.zarr", root, "local/mt10",
-                                                                     logs.append, slow_export)) for _ in range(2)]
+                                                                     logs.append)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

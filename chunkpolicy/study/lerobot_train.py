@@ -77,29 +77,28 @@ def lerobot_train_command(row: Row, dataset_root: Path, out: Path, steps: int, r
                   *[str(a) for a in row.method.get("args", [])]]
 
 
-def ensure_lerobot_export(store: Path, ds_root: Path, repo_id: str, log: Log, export: Callable[..., Any]) -> None:
-    """The store exported as a LeRobotDataset at ``ds_root`` (``export`` = :func:`chunkpolicy.data.lerobot_io.
-    export_lerobot`, atomic: present means complete), once: rows in parallel processes share it, one writes it and the
-    others wait on its lock and reuse it."""
+def ensure_lerobot_export(store: Path, ds_root: Path, repo_id: str, log: Log) -> None:
+    """The store exported as a LeRobotDataset at ``ds_root`` (``export_lerobot`` is atomic: present means complete),
+    once: rows in parallel processes share it, one writes it and the others wait on its lock and reuse it."""
+    from chunkpolicy.data import lerobot_io
+
     if (ds_root / "meta" / "info.json").is_file():
         return
     with study_lock(ds_root.with_name(ds_root.name + ".lock"), f"data {ds_root.name}", log):
         if not (ds_root / "meta" / "info.json").is_file():
             log(f"exporting {store} to LeRobotDataset {ds_root}")
-            export(store, ds_root, repo_id=repo_id, progress=False)
+            lerobot_io.export_lerobot(store, ds_root, repo_id=repo_id, progress=False)
 
 
 def train_lerobot(study: Study, row: Row, run_dir: Path, store: Path, log: Log, deadline: Deadline,
                   train_source: Callable[[Row], dict[str, Any]]) -> dict[str, Any]:
     """Train (or resume, or reuse) a LeRobot row; returns its training record. ``train_source(row)`` trains a
     ``same_as:`` row first and returns its record."""
-    from chunkpolicy.data.lerobot_io import export_lerobot
-
     marker = run_dir / LEROBOT_DONE
     if not marker.is_file():
         steps = _lerobot_steps(study, row, log, train_source)
         ds_root = study.out_dir / "data" / f"{row.data.name}_lerobot"
-        ensure_lerobot_export(store, ds_root, f"local/{row.data.name}", log, export_lerobot)
+        ensure_lerobot_export(store, ds_root, f"local/{row.data.name}", log)
         have = _lerobot_resumable(run_dir)
         if have is None and run_dir.exists():  # a start that saved nothing: LeRobot refuses an existing output dir
             shutil.rmtree(run_dir)
