@@ -44,7 +44,8 @@ def _posttrain(setup, tmp_path, mode, *extra):
 
 
 def _changed(before, after) -> set[str]:
-    return {k for k in before if not torch.equal(before[k], after[k])}
+    # the trained policy sits on the training device (CUDA where there is one); compare on the CPU
+    return {k for k in before if not torch.equal(before[k].cpu(), after[k].cpu())}
 
 
 def test_lora_changes_only_adapters_and_head(setup, tmp_path):
