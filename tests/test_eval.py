@@ -24,15 +24,51 @@ from chunkpolicy.sim.base import env_spec, make_env  # noqa: E402
 HW = (32, 32)
 
 
-def _mw_policy(tmp_path, n_obs_steps: int = 1, horizon: int = 4):
+def _mw_policy(tmp_path, n_obs_steps: int = 1, horizon: int = 4, head="flow_expert"):
     spec = env_spec("metaworld")
     rng = np.random.default_rng(0)
     stats = {spec.name: {"action": compute_stats(rng.uniform(-1, 1, (100, 4))),
                          "state": compute_stats(rng.uniform(0, 1, (100, 4)))}}
     torch.manual_seed(0)
-    policy = ChunkPolicy(PolicyConfig(backbone="tiny", horizon=horizon, n_obs_steps=n_obs_steps),
+    policy = ChunkPolicy(PolicyConfig(backbone="tiny", head=head, horizon=horizon, n_obs_steps=n_obs_steps),
                          UnifiedSpace(32, "pad", embodiments=[spec]), stats)
+    if policy.head.caps.needs_data_fit:  # FAST's BPE
+        policy.head.fit_to_data([np.clip(rng.normal(0, 0.5, (horizon, 4)), -1, 1) for _ in range(64)])
     return policy, policy.save_pretrained(tmp_path / f"ckpt_t{n_obs_steps}")
+
+
+HEADS = {  # every head / objective / tokenizer
+    "flow_expert": ("flow_expert", {}),
+    "dit-diffusion": ("dit", {"depth": 1, "hidden": 32, "num_steps": 3}),
+    "dit-flow": ("dit", {"depth": 1, "hidden": 32, "objective": "flow", "num_steps": 3}),
+    "tokens-bins": ("tokens", {"tokenizer": "bins"}),
+    "tokens-fast": ("tokens", {"tokenizer": "fast", "fast_vocab": 600}),
+}
+
+
+@pytest.mark.parametrize("rtc", [False, True])
+@pytest.mark.parametrize("head", HEADS)
+def test_cuda_graph_predict_fn_equals_eager_or_is_refused(tmp_path, head, rtc):
+    """``policy_predict_fn(cuda_graph=True)``: the same chunks as eager for the same seed where the head can be
+    graphed on a CUDA device, and one clear error everywhere else (never a silent eager fallback)."""
+    from chunkpolicy.models.heads.configs import head_config
+
+    policy, _ = _mw_policy(tmp_path, head=head_config(*HEADS[head]))
+    if rtc and not policy.head.caps.velocity:
+        pytest.skip("rtc needs a flow velocity")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = policy.to(device).eval()
+    env = make_env("metaworld", "reach-v3", image_size=HW, max_steps=4)
+    o = env.reset(3)
+    env.close()
+    if device != "cuda" or not policy.head.caps.sync_free_sample:
+        with pytest.raises(ValueError, match="cuda_graph"):
+            policy_predict_fn(policy, env.spec, [env.task_prompt], cuda_graph=True, rtc=rtc)
+        return
+    eager, _ = policy_predict_fn(policy, env.spec, [env.task_prompt], seed=5, rtc=rtc)
+    graph, _ = policy_predict_fn(policy, env.spec, [env.task_prompt], seed=5, rtc=rtc, cuda_graph=True)
+    for _ in range(2):  # the second call replays the captured graph
+        torch.testing.assert_close(graph([o]), eager([o]), rtol=0, atol=1e-4)
 
 
 def test_end_to_end_report_files_and_baseline(tmp_path):

@@ -73,6 +73,7 @@ def test_row_results(row_a):
     assert [e["episodes_per_task"] for e in res["success_vs_steps"]] == [1, 2]
     assert [e["mean"]["n"] for e in res["success_vs_steps"]] == [1, 2] and res["eval"]["episodes_per_task"] == 2
     assert res["latency"]["calls"] == 1 and res["latency"]["median_ms"] > 0 and res["latency"]["chunk_len"] == 4
+    assert res["latency"]["mode"] == "eager" and res["latency"]["cuda_graph"] == {"skipped": "device cpu"}
     assert "commit" in res["git"] and res["eval"]["executor"] == "open_loop:2"
     assert [(e["task"], e["seed"]) for e in res["episodes"]] == [("reach-v3", 100000), ("reach-v3", 100001)]
 
@@ -385,3 +386,13 @@ def test_parallel_posttrain_rows_train_their_shared_pretrain_once(row_a, tmp_pat
     assert all(r["gpu_shared_by"] == 2 for r in res.values())
     md = Path(aggregate(tmp_path / "results", tmp_path / "agg")["markdown"]).read_text()
     assert md.count("(GPU shared by 2 rows)") == 2
+
+
+def test_summary_table_shows_eager_and_graph_latency():
+    from chunkpolicy.study.aggregate import summary_table
+
+    mean = {"successes": 1, "n": 2, "rate": 0.5, "ci95": [0.1, 0.9]}
+    base = {"row": "r", "eval": {"executor": "open_loop:8"}, "success": {"mean": mean, "tasks": {}}, "data": {"name": "d"}}
+    graphed = summary_table([{**base, "latency": {"median_ms": 60.0, "cuda_graph": {"median_ms": 3.25, "p90_ms": 3.5}}}])
+    eager = summary_table([{**base, "latency": {"median_ms": 60.0, "cuda_graph": {"skipped": "device cpu"}}}])
+    assert "| 60.00 / 3.25 |" in graphed and "| 60.00 / — |" in eager

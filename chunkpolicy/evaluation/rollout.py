@@ -87,6 +87,7 @@ def _history_batch(history: Sequence[list[Obs]], policy: Any, spec: EmbodimentSp
 
 def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, num_steps: int | None = None,
                       seed: int = 0, rtc: bool = False, on_chunk: Callable[[np.ndarray], None] | None = None,
+                      cuda_graph: bool = False,
                       ) -> tuple[Callable[..., torch.Tensor], Callable[[int, list[Obs]], None]]:
     """``(predict_fn, on_step)`` for :meth:`EnvPool.rollout`.
 
@@ -95,12 +96,29 @@ def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, 
     ``[B, H, A]`` in robot units; ``prefix``/``prefix_len`` are used by the ``rtc`` executor (flow heads only).
     When the head may fail, a sample it could not produce (NaN, or ``head.last_valid`` False) gets the do-nothing
     chunk of its env (see the module docstring); ``on_chunk(invalid)`` then receives the ``[B]`` bool mask of the
-    replaced samples after every prediction."""
+    replaced samples after every prediction.
+
+    ``cuda_graph=True`` replays each chunk as one CUDA graph (:class:`~chunkpolicy.runtime.graphs.CudaGraphPolicy`,
+    captured on first use for each batch shape; with ``rtc``, the guided sampler's graphs): a policy on a CUDA device
+    whose head samples without host syncs; anything else is refused rather than run eagerly behind the caller's back."""
     T = int(policy.config.n_obs_steps)
     history, on_step = observation_history(T)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
-    guided = _rtc.rtc_predict_fn(policy, num_steps=num_steps, generator=gen) if rtc else None
     may_fail = bool(policy.head.caps.may_fail)
+    graphs: dict[tuple, Any] = {}  # batch shapes -> captured CudaGraphPolicy
+    if cuda_graph:
+        if policy.device.type != "cuda" or not policy.head.caps.sync_free_sample:
+            raise ValueError(f"cuda_graph: needs a policy on a CUDA device with a sync-free sampler; this one is a "
+                             f"{type(policy.head).__name__} head on {policy.device}")
+        from chunkpolicy.runtime.graphs import CudaGraphPolicy
+        emb_id = policy.space.id_of(spec.name)
+    guided = _rtc.rtc_predict_fn(policy, num_steps=num_steps, generator=gen, cuda_graph=cuda_graph) if rtc else None
+
+    def graphed(batch: dict) -> torch.Tensor:
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor))
+        if key not in graphs:
+            graphs[key] = CudaGraphPolicy(policy, batch, num_steps=num_steps)
+        return policy.space.unpad(graphs[key](batch, generator=gen), emb_id, "action")
 
     @torch.no_grad()
     def predict(obs: list[Obs], prefix: Any = None, prefix_len: int = 0) -> torch.Tensor:
@@ -109,6 +127,8 @@ def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, 
         batch = _history_batch(list(history), policy, spec, prompts)
         if guided is not None:
             chunk = guided(batch, prefix=prefix, prefix_len=prefix_len)
+        elif cuda_graph:
+            chunk = graphed(batch)
         else:
             chunk = policy.predict_chunk(batch, spec.name, num_steps=num_steps, generator=gen)
         if not may_fail:

@@ -56,7 +56,7 @@ def _num(x: Any, fmt: str = "{:.1f}") -> str:
 def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per row: method, executor, data, steps, minutes, GPU-minutes, latency, mean success, the rate of
     chunks a head could not produce (tokens heads; ``—`` for heads that cannot fail), command."""
-    lines = ["| row | method | executor | data | steps | train min | GPU-min | chunk ms (median) | mean success "
+    lines = ["| row | method | executor | data | steps | train min | GPU-min | chunk ms, median: eager / CUDA graph | mean success "
              "| invalid decodes | command |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -71,13 +71,15 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
         mix = [d["name"] for d in t.get("datasets") or []]
         data_txt = (f"{'+'.join(mix)} (eval: {data.get('name', '')})" if len(mix) > 1
                     else f"{data.get('name', '')} ({data.get('episodes', '?')} demos)")
+        graph = lat.get("cuda_graph") or {}
+        lat_txt = _num(lat.get("median_ms"), "{:.2f}") + (f" / {graph['median_ms']:.2f}" if "median_ms" in graph else " / —")
         mean = r["success"]["mean"]
         bad = (f"{100 * mean['invalid_rate']:.1f}% ({mean['invalid_chunks']}/{mean['chunks']})"
                if mean.get("invalid_rate") is not None else "—")
         lines.append(
             f"| {r['row']} | {r.get('label', '')} | {r['eval']['executor']} | {data_txt} "
             f"| {t.get('steps', '—')} | {_num(t.get('train_minutes'))} | {gpu} | "
-            f"{_num(lat.get('median_ms'), '{:.2f}')} | **{_pct(mean)}** | {bad} | `{r.get('command', '')}` |")
+            f"{lat_txt} | **{_pct(mean)}** | {bad} | `{r.get('command', '')}` |")
     return "\n".join(lines)
 
 

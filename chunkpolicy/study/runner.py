@@ -257,28 +257,16 @@ def _sync(device: str) -> None:
 def chunk_latency(kind: str, checkpoint: str, env: str, task: str, env_kwargs: dict[str, Any], *, device: str,
                   calls: int = 20, warmup: int = 3, num_steps: int | None = None) -> dict[str, Any]:
     """Milliseconds per chunk for one observation (batch 1) of ``task``: median and p90 of ``calls`` calls after
-    ``warmup``, CUDA-synchronized (the whole user-facing call: observation → batch → chunk in robot units)."""
+    ``warmup``, CUDA-synchronized (the whole user-facing call: observation → batch → chunk in robot units), in eager
+    PyTorch. On a CUDA device, a chunkpolicy head that samples without host syncs is timed a second time replaying one
+    CUDA graph per chunk (``cuda_graph``: the deployment path, :class:`~chunkpolicy.runtime.graphs.CudaGraphPolicy`);
+    for other heads ``cuda_graph`` says why there is no such figure."""
     import numpy as np
     import torch
 
     from chunkpolicy.sim.base import make_env
 
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in env_kwargs.items()}
-    e = make_env(env, task, **kw)
-    try:
-        obs = e.reset(0)
-        if kind == "lerobot":
-            from chunkpolicy.evaluation.lerobot_policy import lerobot_predict_fn, load_lerobot_policy
-
-            fn, hook = lerobot_predict_fn(load_lerobot_policy(checkpoint, device), [e.task_prompt])
-        else:
-            from chunkpolicy.evaluation.rollout import check_embodiment, policy_predict_fn
-            from chunkpolicy.models.policy import ChunkPolicy
-
-            policy = ChunkPolicy.from_pretrained(checkpoint, map_location=device).to(device).eval()
-            spec = check_embodiment(policy, env, kw)
-            fn, hook = policy_predict_fn(policy, spec, [e.task_prompt], num_steps=num_steps)
-        hook(0, [obs])
+    def timed(fn: Any, obs: Any) -> tuple[dict[str, Any], Any]:
         times = []
         with torch.no_grad():
             for i in range(warmup + calls):
@@ -288,8 +276,37 @@ def chunk_latency(kind: str, checkpoint: str, env: str, task: str, env_kwargs: d
                 _sync(device)
                 if i >= warmup:
                     times.append(1000 * (time.perf_counter() - t0))
-        return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)), "calls": calls,
-                "batch": 1, "device": str(device), "chunk_len": int(chunk.shape[1]), "task": task}
+        return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}, chunk
+
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in env_kwargs.items()}
+    e = make_env(env, task, **kw)
+    try:
+        obs = e.reset(0)
+        graph: dict[str, Any] | None = None
+        if kind == "lerobot":
+            from chunkpolicy.evaluation.lerobot_policy import lerobot_predict_fn, load_lerobot_policy
+
+            fn, hook = lerobot_predict_fn(load_lerobot_policy(checkpoint, device), [e.task_prompt])
+            graph = {"skipped": "LeRobot policy (its own eager inference)"}
+        else:
+            from chunkpolicy.evaluation.rollout import check_embodiment, policy_predict_fn
+            from chunkpolicy.models.policy import ChunkPolicy
+
+            policy = ChunkPolicy.from_pretrained(checkpoint, map_location=device).to(device).eval()
+            spec = check_embodiment(policy, env, kw)
+            fn, hook = policy_predict_fn(policy, spec, [e.task_prompt], num_steps=num_steps)
+            if not str(device).startswith("cuda"):
+                graph = {"skipped": f"device {device}"}
+            elif not policy.head.caps.sync_free_sample:
+                graph = {"skipped": f"{type(policy.head).__name__}: sampling has host syncs"}
+            else:
+                gfn, ghook = policy_predict_fn(policy, spec, [e.task_prompt], num_steps=num_steps, cuda_graph=True)
+                ghook(0, [obs])
+                graph, _ = timed(gfn, obs)
+        hook(0, [obs])
+        res, chunk = timed(fn, obs)
+        return {**res, "calls": calls, "batch": 1, "device": str(device), "chunk_len": int(chunk.shape[1]),
+                "task": task, "mode": "eager", "cuda_graph": graph}
     finally:
         e.close()
 
