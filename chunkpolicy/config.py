@@ -225,6 +225,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"{key}: cannot parse value {raw!r} ({e})") from None
     if isinstance(value, str) and raw.strip() != "" and _looks_float(raw):
         value = float(raw)  # YAML 1.1 reads 1e-4 as a string
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads no / yes / on / off as booleans: train.mixed_precision=no means "no"
     return key, value
 
 
@@ -559,7 +561,8 @@ def validate(cfg: ExperimentConfig, check_paths: bool = True) -> None:
     _need(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
     _need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0: off), got {t.grad_clip}")
     _need(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
-    _need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", f"must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
+    _need(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", f"must be one of {MIXED_PRECISION}, got "
+          f"{t.mixed_precision!r}" + (" (YAML reads a bare no as false: write 'no' in quotes)" if str(t.mixed_precision) in ("False", "True") else ""))
     _need(bool(t.output_dir), "train.output_dir", "must be set")
     _need(t.precision in TRAIN_PRECISION, "train.precision", f"must be one of {TRAIN_PRECISION}, got {t.precision!r}")
     _need(t.probe_nonfinite >= 0, "train.probe_nonfinite", f"must be >= 0, got {t.probe_nonfinite}")

@@ -85,6 +85,11 @@ def test_overrides_and_section_files(store, tmp_path):
     assert cfg.model.horizon == 5 and cfg.train.lr == 1e-4 and cfg.train.betas == [0.8, 0.9]
     assert cfg.model.head == FlowExpertConfig(width=48) and cfg.data.image_size == [16, 24]
     assert cfg.model.policy_config().head == FlowExpertConfig(width=48)
+    # YAML 1.1 would read `no` as false: on the command line it means the string
+    cfg = load_config(p, ["train.mixed_precision=no", "train.compile=false", "train.cuda_graph=True"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.compile is False and cfg.train.cuda_graph is True
+    q = _yaml(tmp_path, {"model": "model/m.yaml", "data": {"datasets": [{"path": store}]}, "train": {"mixed_precision": False}}, "q.yaml")
+    assert "write 'no' in quotes" in _err(q)
 
 
 def test_unknown_key_is_named(store, tmp_path):
