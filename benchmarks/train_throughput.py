@@ -13,6 +13,7 @@ Runs the same under ``accelerate launch``; samples/s is global (all processes)::
     python benchmarks/train_throughput.py --preset small --batch-size 32 --mixed-precision bf16
     accelerate launch --num_processes 2 benchmarks/train_throughput.py --preset small --batch-size 32 --mixed-precision bf16
     python benchmarks/train_throughput.py --config configs/small_flow.yaml --steps 50
+    python benchmarks/train_throughput.py --config configs/small_flow.yaml --steps 50 --repeat-batch   # no data path
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ def run_config(args) -> dict:
     cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps}", f"train.output_dir={out}",
                                     f"train.ckpt_every={big}", f"train.val_every={big}", "train.val_batches=1", "train.progress=false",
                                     f"train.log_every={max(1, args.steps // 5)}", *([f"train.batch_size={args.batch_size}"] if args.batch_size_given else [])])
+    if args.repeat_batch:
+        _repeat_first_batch()
     s = run(cfg)
     from accelerate import PartialState
 
@@ -147,10 +150,26 @@ def run_config(args) -> dict:
         PartialState().wait_for_everyone()
         shutil.rmtree(out, ignore_errors=True)
 
-    return {"mode": "config", "config": args.config, "overrides": args.overrides, "steps": s["steps"], "global_batch": s["global_batch"],
+    return {"mode": "config", "config": args.config, "overrides": args.overrides, "repeat_batch": args.repeat_batch,
+            "steps": s["steps"], "global_batch": s["global_batch"],
             "processes": s["processes"], "device": s["device"], "samples_per_s": s["samples_per_s"],
             "samples_per_s_last_interval": train_recs[-1]["samples_per_s"] if train_recs else None,
             "final_loss": s["final_train_loss"], "run_dir": args.run_dir, "is_main": PartialState().is_main_process}
+
+
+def _repeat_first_batch() -> None:
+    """Make the trainer train on its first batch over and over: the same run without the data path in the loop
+    (loader workers, collation, pinning), to tell a data-bound trainer from a device-bound one."""
+    from chunkpolicy.training.trainer import Trainer
+
+    batches = Trainer._train_batches
+
+    def repeated(self):
+        first = next(batches(self))
+        while True:
+            yield first
+
+    Trainer._train_batches = repeated
 
 
 def add_synthetic_args(p: argparse.ArgumentParser, batch_default: int | None, batch_help: str) -> None:
@@ -175,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny preset, few steps: a CPU smoke test")
     p.add_argument("--config", help="measure the real trainer on this experiment config instead")
     p.add_argument("--run-dir", help="with --config: run directory (default: a temp dir)")
+    p.add_argument("--repeat-batch", action="store_true",
+                   help="with --config: train on the first batch over and over (the rate without the data path)")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("overrides", nargs="*", help="with --config: key=value overrides")
     args = p.parse_args(argv)
