@@ -171,3 +171,31 @@ def test_wrong_embodiment_is_one_clear_error(tmp_path, capsys):
 def test_cli_errors(tmp_path, capsys, args, msg):
     assert eval_main(args + ["--out", str(tmp_path / "e"), "--no-progress"]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_eval_with_cuda_graphs_gives_the_eager_episodes_or_refuses(tmp_path):
+    """``chunkpolicy eval --cuda-graph``: on a CUDA device the same episodes as eager (graphs captured once per
+    process and reused across batches and tasks); elsewhere one error before any rollout."""
+    _, ckpt = _mw_policy(tmp_path)
+    kw = dict(episodes=3, executor="open_loop:2", num_envs=2, image_size=HW, max_steps=6, videos=0, progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph: needs a policy on a CUDA device"):
+            run_eval(ckpt, "metaworld", ["reach-v3"], out=tmp_path / "g", device="cpu", cuda_graph=True, **kw)
+        assert not (tmp_path / "g").exists()
+        return
+    from chunkpolicy.evaluation import rollout
+
+    eager = run_eval(ckpt, "metaworld", ["reach-v3", "button-press-v3"], out=tmp_path / "e", device="cuda", **kw)
+    graph = run_eval(ckpt, "metaworld", ["reach-v3", "button-press-v3"], out=tmp_path / "g", device="cuda",
+                     cuda_graph=True, **kw)
+    assert graph["cuda_graph"] and not eager["cuda_graph"]
+    strip = lambda recs: [{k: r[k] for k in ("task", "seed", "success", "steps", "predictions")} for r in recs]  # noqa: E731
+    assert strip(graph["episodes"]["policy"]) == strip(eager["episodes"]["policy"])
+    for a, b in zip(graph["episodes"]["policy"], eager["episodes"]["policy"]):
+        assert a["return"] == pytest.approx(b["return"], abs=1e-3)
+    assert not rollout._GRAPHS  # an in-process evaluation frees its graphs
+
+
+def test_cuda_graph_is_refused_for_lerobot_and_server_methods(tmp_path):
+    with pytest.raises(ValueError, match="cuda_graph: only for a chunkpolicy --checkpoint"):
+        run_eval(None, "metaworld", ["reach-v3"], lerobot_policy=tmp_path, cuda_graph=True, out=tmp_path / "o")

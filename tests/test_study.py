@@ -208,6 +208,7 @@ def test_pretrain_on_a_mixture_then_posttrain_from_its_checkpoint(row_a, tmp_pat
     (lambda d: d["rows"]["b-flow-te"]["method"].update(from_row="zzz"), r"rows.b-flow-te.method.from_row: 'zzz'"),
     (lambda d: d["rows"]["a-flow"].update(eval={"episodes": 0}), r"rows.a-flow.eval.episodes"),
     (lambda d: d["rows"]["a-flow"].update(eval={"episodes": 2, "curve_episodes": 3}), r"rows.a-flow.eval.curve_episodes"),
+    (lambda d: d["rows"]["a-flow"].update(eval={"cuda_graph": "yes"}), r"rows.a-flow.eval.cuda_graph: expected true, false or auto"),
     (lambda d: d["data"]["reach"].pop("collect"), r"data.reach: give store .* or collect"),
     (lambda d: d["rows"].update({"c-lr": {"data": "reach", "method": {"lerobot": "act"}}}), r"rows.c-lr.method.steps"),
     (lambda d: d["rows"]["a-flow"].update(mixture=["reach", "nope"]), r"rows.a-flow.mixture.1: 'nope' is not a key"),
@@ -396,3 +397,19 @@ def test_summary_table_shows_eager_and_graph_latency():
     graphed = summary_table([{**base, "latency": {"median_ms": 60.0, "cuda_graph": {"median_ms": 3.25, "p90_ms": 3.5}}}])
     eager = summary_table([{**base, "latency": {"median_ms": 60.0, "cuda_graph": {"skipped": "device cpu"}}}])
     assert "| 60.00 / 3.25 |" in graphed and "| 60.00 / — |" in eager
+
+
+def test_eval_cuda_graph_setting_is_checked_and_auto_resolves(tmp_path):
+    from chunkpolicy.study.runner import _use_cuda_graph
+
+    assert _use_cuda_graph(True, "chunkpolicy", "unused", "cpu") is True  # explicit: passed on (run_eval refuses on CPU)
+    assert _use_cuda_graph(False, "chunkpolicy", "unused", "cuda") is False
+    assert _use_cuda_graph("auto", "lerobot", "unused", "cuda") is False
+    assert _use_cuda_graph("auto", "chunkpolicy", "unused", "cpu") is False
+    from helpers import toy_policy
+    from chunkpolicy.models.heads.configs import head_config
+
+    flow = toy_policy(head="flow_expert").save_pretrained(tmp_path / "flow")
+    diffusion = toy_policy(head=head_config("dit", {"depth": 1, "hidden": 32})).save_pretrained(tmp_path / "dit")
+    assert _use_cuda_graph("auto", "chunkpolicy", str(flow), "cuda") is True
+    assert _use_cuda_graph("auto", "chunkpolicy", str(diffusion), "cuda") is False

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute the do-nothing baseline instead of reusing cached episodes")
     p.add_argument("--videos", type=int, default=1, help="episodes per task and method saved as MP4 (default 1)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each chunk as one CUDA graph (flow_expert / dit-flow checkpoints on a CUDA device; "
+                        "captured once per worker; the same chunks as eager, fewer kernel launches)")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -138,16 +141,19 @@ def run_eval(
     baseline_cache: bool = True,
     lerobot_policy: str | os.PathLike | None = None,
     server: str | None = None,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (and/or the do-nothing baseline) and write the report; returns the results dict.
 
     ``checkpoint=None`` evaluates the baseline only; a run directory is resolved to its latest checkpoint. Raises
     ``ValueError`` before any rollout if the env's embodiment is not one the policy was trained on, or ``image_size``
-    (default: the checkpoint's training image size) differs from the training data's."""
+    (default: the checkpoint's training image size) differs from the training data's. ``cuda_graph``: a chunkpolicy
+    checkpoint's chunks are replayed as CUDA graphs (captured once per worker process; a CUDA device and a head that
+    samples without host syncs, else an error before any rollout); the same chunks as eager for the same noise."""
     import torch
 
     from chunkpolicy.evaluation.report import bar_chart, invalid_counts, markdown_table, summarize, write_json_atomic
-    from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_embodiment, evaluate
+    from chunkpolicy.evaluation.rollout import EVAL_SEED, Method, check_cuda_graph, check_embodiment, evaluate
     from chunkpolicy.evaluation.video import write_mp4
     from chunkpolicy.runtime.executors import check_executor, make_executor
     from chunkpolicy.sim.base import env_check_task, env_spec, setup_headless_gl
@@ -157,6 +163,9 @@ def run_eval(
         raise ValueError("checkpoint: give --checkpoint or --lerobot-policy, not both")
     if server is not None and (checkpoint is not None or lerobot_policy is not None):
         raise ValueError("server: give --server or --checkpoint / --lerobot-policy, not both")
+    if cuda_graph and checkpoint is None:
+        raise ValueError("cuda_graph: only for a chunkpolicy --checkpoint (a LeRobot policy or a server runs its own "
+                         "inference)")
     if checkpoint is None and lerobot_policy is None and server is None and not baseline:
         raise ValueError("checkpoint: give --checkpoint (or --lerobot-policy), or --baseline-only to evaluate the "
                          "do-nothing baseline")
@@ -199,11 +208,14 @@ def run_eval(
         horizon = policy.config.horizon
         check_executor(ex_spec, policy.head.caps, type(policy.head).__name__)
         may_fail["policy"] = bool(policy.head.caps.may_fail)
+        if cuda_graph:
+            check_cuda_graph(policy, dev)
         from chunkpolicy.models.tokenizer import check_prompts  # a too-long task prompt: an error before any rollout
         from chunkpolicy.sim.base import env_task_prompt
         check_prompts(policy.tokenizer, [env_task_prompt(env, t) for t in tasks], policy.config.max_prompt_tokens)
         del policy
-        methods.append(Method("policy", str(checkpoint), horizon, num_steps, ex_spec.startswith("rtc"), dev))
+        methods.append(Method("policy", str(checkpoint), horizon, num_steps, ex_spec.startswith("rtc"), dev,
+                              cuda_graph=cuda_graph))
     elif lr_info is not None:
         from chunkpolicy.evaluation.lerobot_policy import LEROBOT_CAPS, check_env
 
@@ -282,7 +294,7 @@ def run_eval(
         "tasks": list(tasks), "episodes_per_task": episodes, "executor": ex_spec, "seed": seed,
         "env_kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in env_kwargs.items()},
         "summary": summary, "episodes": records, "rollout_s": wall, "baseline": baseline_info or None,
-        "videos": video_paths, "plot": str(out / "success.png"), "warnings": warnings,
+        "videos": video_paths, "plot": str(out / "success.png"), "warnings": warnings, "cuda_graph": bool(cuda_graph),
     }
     if server is not None:
         results["server"] = server
@@ -358,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            baseline=a.baseline or a.baseline_only, videos=a.videos, device=a.device, out=a.out,
                            progress=not a.no_progress, baseline_cache=not a.no_baseline_cache, command="chunkpolicy eval " + shlex.join(argv),
                            lerobot_policy=None if a.baseline_only else a.lerobot_policy,
-                           server=None if a.baseline_only else a.server)
+                           server=None if a.baseline_only else a.server, cuda_graph=a.cuda_graph)
     except (FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"chunkpolicy eval: error: {msg}", file=sys.stderr)

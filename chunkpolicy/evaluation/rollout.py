@@ -38,7 +38,7 @@ from chunkpolicy.runtime.executors import make_executor
 from chunkpolicy.sim.base import EnvPool, Obs, env_check_task, env_spec, make_env, obs_to_batch
 from chunkpolicy.spaces import EmbodimentSpec
 
-__all__ = ["Method", "check_embodiment", "policy_predict_fn", "do_nothing_predict_fn", "run_batch", "evaluate", "frame_of",
+__all__ = ["Method", "check_embodiment", "check_cuda_graph", "policy_predict_fn", "do_nothing_predict_fn", "run_batch", "evaluate", "frame_of",
            "EVAL_SEED"]
 
 EVAL_SEED = 100_000  # far above the seeds `collect` uses (0, 1, ...): evaluation scenes are held out by default
@@ -85,9 +85,18 @@ def _history_batch(history: Sequence[list[Obs]], policy: Any, spec: EmbodimentSp
     return {k: v.to(policy.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def check_cuda_graph(policy: Any, device: Any = None) -> None:
+    """Raise unless ``policy`` (on ``device``, default its own) can run chunks as CUDA graphs: a CUDA device and a head
+    whose sampling has no host syncs (``flow_expert``, ``dit`` with ``objective=flow``)."""
+    dev = torch.device(device) if device is not None else policy.device
+    if dev.type != "cuda" or not policy.head.caps.sync_free_sample:
+        raise ValueError(f"cuda_graph: needs a policy on a CUDA device with a sync-free sampler (flow_expert, or dit "
+                         f"with objective=flow); this one is a {type(policy.head).__name__} head on {dev}")
+
+
 def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, num_steps: int | None = None,
                       seed: int = 0, rtc: bool = False, on_chunk: Callable[[np.ndarray], None] | None = None,
-                      cuda_graph: bool = False,
+                      cuda_graph: bool = False, graph_cache: dict | None = None,
                       ) -> tuple[Callable[..., torch.Tensor], Callable[[int, list[Obs]], None]]:
     """``(predict_fn, on_step)`` for :meth:`EnvPool.rollout`.
 
@@ -100,22 +109,23 @@ def policy_predict_fn(policy: Any, spec: EmbodimentSpec, prompts: list[str], *, 
 
     ``cuda_graph=True`` replays each chunk as one CUDA graph (:class:`~chunkpolicy.runtime.graphs.CudaGraphPolicy`,
     captured on first use for each batch shape; with ``rtc``, the guided sampler's graphs): a policy on a CUDA device
-    whose head samples without host syncs; anything else is refused rather than run eagerly behind the caller's back."""
+    whose head samples without host syncs; anything else is refused rather than run eagerly behind the caller's back.
+    ``graph_cache``: a dict that keeps the captured graphs across predict functions of the same policy (the batches
+    of an evaluation), else they live as long as this function."""
     T = int(policy.config.n_obs_steps)
     history, on_step = observation_history(T)
     gen = torch.Generator(device=policy.device).manual_seed(seed)
     may_fail = bool(policy.head.caps.may_fail)
-    graphs: dict[tuple, Any] = {}  # batch shapes -> captured CudaGraphPolicy
+    graphs: dict[Any, Any] = graph_cache if graph_cache is not None else {}  # (steps, batch shapes) -> graph
     if cuda_graph:
-        if policy.device.type != "cuda" or not policy.head.caps.sync_free_sample:
-            raise ValueError(f"cuda_graph: needs a policy on a CUDA device with a sync-free sampler; this one is a "
-                             f"{type(policy.head).__name__} head on {policy.device}")
-        from chunkpolicy.runtime.graphs import CudaGraphPolicy
+        check_cuda_graph(policy)
+        from chunkpolicy.runtime.graphs import CudaGraphPolicy, shape_key
         emb_id = policy.space.id_of(spec.name)
-    guided = _rtc.rtc_predict_fn(policy, num_steps=num_steps, generator=gen, cuda_graph=cuda_graph) if rtc else None
+    guided = (_rtc.rtc_predict_fn(policy, num_steps=num_steps, generator=gen, cuda_graph=cuda_graph, graph_cache=graphs)
+              if rtc else None)
 
     def graphed(batch: dict) -> torch.Tensor:
-        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor))
+        key = (num_steps, shape_key(batch))
         if key not in graphs:
             graphs[key] = CudaGraphPolicy(policy, batch, num_steps=num_steps)
         return policy.space.unpad(graphs[key](batch, generator=gen), emb_id, "action")
@@ -156,10 +166,12 @@ class Method:
     device: str = "cpu"
     kind: str = "chunkpolicy"  # "chunkpolicy" | "lerobot" (a LeRobot policy dir: evaluation/lerobot_policy.py)
     #                            | "server" (checkpoint is a ws:// URI of `chunkpolicy serve`: evaluation/served.py)
+    cuda_graph: bool = False  # chunkpolicy kind: chunks replayed as CUDA graphs, captured once per worker process
 
 
 _POLICIES: dict[tuple[str, str], Any] = {}  # per process: checkpoint → loaded policy
 _ENVS: dict[tuple[str, str, str], list[Any]] = {}  # per process: (env, task, options) → built envs, reused
+_GRAPHS: dict[tuple[str, str], dict] = {}  # per process: (checkpoint, device) → its captured CUDA graphs
 
 
 def _load_policy(checkpoint: str, device: str) -> Any:
@@ -204,8 +216,10 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
                                                     rtc=method.rtc, on_chunk=on_chunk)
     else:
         policy = _load_policy(method.checkpoint, method.device)
+        cache = _GRAPHS.setdefault((method.checkpoint, method.device), {}) if method.cuda_graph else None
         policy_fn, hook = policy_predict_fn(policy, pool.spec, pool.prompts, num_steps=method.num_steps,
-                                            seed=int(seeds[0]), rtc=method.rtc, on_chunk=on_chunk)
+                                            seed=int(seeds[0]), rtc=method.rtc, on_chunk=on_chunk,
+                                            cuda_graph=method.cuda_graph, graph_cache=cache)
 
     def predict_fn(obs: list[Obs], **kw: Any) -> Any:
         chunks[:] += ~pool.dones  # an env that is done no longer asks for chunks
@@ -310,6 +324,7 @@ def evaluate(
                 for e in envs:
                     e.close()
             _ENVS.clear()
+            _GRAPHS.clear()  # their memory pools and weight snapshots
     res: dict[str, dict[str, Any]] = {m.name: {"episodes": [], "videos": {}, "wall_s": 0.0} for m in methods}
     for job, (records, frames, wall) in zip(jobs, out):
         r = res[job[1].name]

@@ -68,6 +68,12 @@ def compile_policy_methods(policy: ChunkPolicy, step_mode: str | None = None,
     return out
 
 
+def shape_key(batch: Mapping[str, Any]) -> tuple:
+    """What a captured graph is specific to: the shapes and dtypes of a batch's tensors (prompts are tokenized to a
+    fixed length, so any prompt fits a graph captured for the same shapes)."""
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor))
+
+
 def load_inputs(policy: ChunkPolicy, observation: Mapping[str, Any], buffers: Mapping[str, torch.Tensor]) -> None:
     """Validate ``observation`` and copy its :meth:`ChunkPolicy.prepare_inputs` tensors into a graph's input
     ``buffers`` (same shapes as the observation the graph was captured with)."""

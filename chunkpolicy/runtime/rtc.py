@@ -97,40 +97,44 @@ def rtc_target(policy: ChunkPolicy, prefix: Any, inputs: Mapping[str, torch.Tens
 
 def rtc_predict_fn(policy: ChunkPolicy, beta: float = 5.0, num_steps: int | None = None,
                    exec_horizon: int | None = None, generator: torch.Generator | None = None,
-                   cuda_graph: bool = False) -> PredictFn:
+                   cuda_graph: bool = False, graph_cache: dict | None = None) -> PredictFn:
     """``predict_fn(obs, prefix=None, prefix_len=0) -> [B, H, A]`` (robot units) for :class:`RealTimeChunking`.
 
     ``obs`` is a batch-schema observation of one embodiment; ``prefix [B, H', A]`` is the previous chunk's remaining
     actions (robot units), aligned with the new chunk's first steps; ``prefix_len`` the frozen delay ``d``.
-    ``cuda_graph``: replay both kinds of chunk from CUDA graphs captured on the first call of each (fixed shapes)."""
+    ``cuda_graph``: replay both kinds of chunk from CUDA graphs captured on the first call of each for each batch
+    shape; ``graph_cache``: a dict that keeps them across predict functions of the same policy (e.g. every batch of
+    an evaluation in one process), else they live as long as this function."""
     if not policy.head.caps.velocity:
         raise ValueError(f"rtc needs a head with a flow velocity (flow_expert, or dit with objective=flow); "
                          f"{type(policy.head).__name__} has none")
     steps = num_steps or policy.head.cfg.num_steps
-    graphs: dict[str, Any] = {}
+    graphs: dict[Any, Any] = graph_cache if graph_cache is not None else {}
 
     @torch.no_grad()
     def predict(obs: dict, prefix: Any = None, prefix_len: int = 0) -> torch.Tensor:
         if prefix is None:
             if not cuda_graph:
                 return policy.predict_chunk(obs, num_steps=steps, generator=generator)
-            if "plain" not in graphs:
-                from chunkpolicy.runtime.graphs import CudaGraphPolicy
+            from chunkpolicy.runtime.graphs import CudaGraphPolicy, shape_key
 
-                graphs["plain"] = CudaGraphPolicy(policy, obs, num_steps=steps)
+            key = ("plain", steps, shape_key(obs))
+            if key not in graphs:
+                graphs[key] = CudaGraphPolicy(policy, obs, num_steps=steps)
             e = int(torch.as_tensor(obs["embodiment"])[0])
-            return policy.space.unpad(graphs["plain"](obs, generator=generator), e, "action")
+            return policy.space.unpad(graphs[key](obs, generator=generator), e, "action")
         inp = policy.prepare_inputs(obs, policy.validate(obs, training=False))
         target, w = rtc_target(policy, prefix, inp, exec_horizon, prefix_len)
         noise = torch.randn(target.shape, generator=generator, device=policy.device)
         if cuda_graph:
-            if "guided" not in graphs:
-                from chunkpolicy.runtime.graphs import CudaGraphPolicy
+            from chunkpolicy.runtime.graphs import CudaGraphPolicy, shape_key
 
+            key = ("guided", steps, beta, shape_key(obs))
+            if key not in graphs:
                 hook = RTCGuidance(torch.zeros_like(target), torch.zeros_like(w), beta)
-                graphs["guided"] = CudaGraphPolicy(policy, obs, num_steps=steps, guidance=hook)
-            graphs["guided"].guidance.set(target, w)
-            out = graphs["guided"](obs, noise=noise)
+                graphs[key] = CudaGraphPolicy(policy, obs, num_steps=steps, guidance=hook)
+            graphs[key].guidance.set(target, w)
+            out = graphs[key](obs, noise=noise)
         else:
             out = policy.infer(inp, noise.float(), steps,
                                guidance=RTCGuidance(target, w, beta))

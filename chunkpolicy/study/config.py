@@ -49,7 +49,9 @@ evaluating every kept checkpoint for success vs training steps)
 and ``eval`` (``episodes`` per task, ``seed`` (default: ``chunkpolicy eval``'s held-out evaluation seed, never a collection seed), ``max_steps``, ``executor``,
 ``num_envs``, ``workers``, ``videos``, ``device``, ``latency_calls``; ``curve_episodes``: episodes per task for the
 checkpoints before the last with ``eval_checkpoints: all``, default ``episodes``: the curve's points are cheaper, the
-row's result, from the last checkpoint, always has ``episodes``). Every error names the key
+row's result, from the last checkpoint, always has ``episodes``; ``cuda_graph``: true | false | auto, chunks replayed
+as CUDA graphs (``chunkpolicy eval --cuda-graph``; auto: for chunkpolicy heads that sample without host syncs on a
+CUDA device, the choice recorded in the row's results). Every error names the key
 (``rows.4a-mt10-flow_expert.method.overrides``) and the file.
 """
 
@@ -75,11 +77,11 @@ METHOD_KEYS = {"config", "overrides", "lerobot", "args", "steps", "from_row", "i
 TASK_SETS = ("MT10", "MT50", "ML45_TRAIN", "ML45_TEST")
 TRAIN_KEYS = {"max_minutes", "steps", "ckpt_every", "eval_checkpoints", "keep_last"}
 EVAL_KEYS = {"episodes", "seed", "max_steps", "executor", "num_envs", "workers", "videos", "device", "latency_calls",
-             "num_steps", "curve_episodes"}
+             "num_steps", "curve_episodes", "cuda_graph"}
 # seed: chunkpolicy.evaluation.rollout.EVAL_SEED (checked in tests; not imported here: that module needs torch)
 EVAL_DEFAULTS: dict[str, Any] = {"episodes": 50, "seed": 100_000, "max_steps": None, "executor": "open_loop:8",
                                  "num_envs": 10, "workers": 0, "videos": 1, "device": None, "latency_calls": 20,
-                                 "num_steps": None, "curve_episodes": None}
+                                 "num_steps": None, "curve_episodes": None, "cuda_graph": False}
 
 
 class StudyError(ValueError):
@@ -276,6 +278,8 @@ def load_study(path: str | os.PathLike) -> Study:
         if train.get("eval_checkpoints", "last") not in ("last", "all"):
             raise StudyError(f"{where}.train.eval_checkpoints: expected last or all, got {train['eval_checkpoints']!r} [{src}]")
         ev = {**EVAL_DEFAULTS, **_keys(merged.get("eval"), EVAL_KEYS, f"{where}.eval", src)}
+        if ev["cuda_graph"] not in (True, False, "auto"):
+            raise StudyError(f"{where}.eval.cuda_graph: expected true, false or auto, got {ev['cuda_graph']!r} [{src}]")
         if not isinstance(ev["episodes"], int) or ev["episodes"] < 1:
             raise StudyError(f"{where}.eval.episodes: expected a positive int, got {ev['episodes']!r} [{src}]")
         ce = ev["curve_episodes"]

@@ -311,6 +311,18 @@ def chunk_latency(kind: str, checkpoint: str, env: str, task: str, env_kwargs: d
         e.close()
 
 
+def _use_cuda_graph(setting: bool | str, kind: str, checkpoint: str, device: str) -> bool:
+    """``eval.cuda_graph``: true / false as given; ``auto``: a chunkpolicy checkpoint whose head samples without host
+    syncs, on a CUDA device (CUDA graphs give the same chunks as eager for the same noise, fewer launches)."""
+    if setting != "auto":
+        return bool(setting)
+    if kind == "lerobot" or not str(device).startswith("cuda"):
+        return False
+    from chunkpolicy.models.policy import ChunkPolicy
+
+    return bool(ChunkPolicy.from_pretrained(checkpoint, map_location="cpu").head.caps.sync_free_sample)
+
+
 def _eval_one(row: Row, kind: str, checkpoint: str, tasks: list[str], out: Path, device: str, log: Log,
               command: str, force: bool = False, episodes: int | None = None, deadline: Deadline | None = None,
               reserve_s: float = 0.0) -> dict[str, Any]:
@@ -333,13 +345,15 @@ def _eval_one(row: Row, kind: str, checkpoint: str, tasks: list[str], out: Path,
             return old
     if deadline is not None:
         deadline.check(f"evaluating {checkpoint}", reserve_s)
-    log(f"[{row.name}] evaluating {checkpoint} ({ev['episodes']} episodes/task × {len(tasks)} tasks, {ev['executor']})")
+    graph = _use_cuda_graph(ev["cuda_graph"], kind, checkpoint, device)
+    log(f"[{row.name}] evaluating {checkpoint} ({ev['episodes']} episodes/task × {len(tasks)} tasks, {ev['executor']}"
+        + (", CUDA graphs)" if graph else ")"))
     t0 = time.perf_counter()
     res = run_eval(None if kind == "lerobot" else checkpoint, row.data.env, tasks, episodes=ev["episodes"],
                    executor=ev["executor"], num_envs=ev["num_envs"], workers=ev["workers"], seed=ev["seed"],
                    max_steps=ev["max_steps"], num_steps=ev["num_steps"], baseline=False, videos=ev["videos"],
                    device=device, out=out, progress=False, command=command,
-                   lerobot_policy=checkpoint if kind == "lerobot" else None)
+                   lerobot_policy=checkpoint if kind == "lerobot" else None, cuda_graph=graph)
     res["study_key"] = key
     res["eval_wall_s"] = time.perf_counter() - t0
     _write_json(res, res_path)
@@ -409,7 +423,7 @@ def _run_row(study: Study, name: str, force: bool, log: Log, deadline: Deadline,
         "eval": {"executor": final["executor"], "episodes_per_task": row.eval["episodes"], "seed": row.eval["seed"],
                  "max_steps": row.eval["max_steps"], "device": device, "env_kwargs": final["env_kwargs"],
                  "results": evals[-1]["results"], "wall_minutes": eval_min, "gpu_minutes": eval_min * eval_gpus,
-                 "lerobot_policy": final.get("lerobot_policy")},
+                 "lerobot_policy": final.get("lerobot_policy"), "cuda_graph": bool(final.get("cuda_graph"))},
         "success": final["summary"]["policy"],
         "episodes": final["episodes"]["policy"],  # per episode: task, seed, success, steps, return, chunks, ...
         "success_vs_steps": evals,
