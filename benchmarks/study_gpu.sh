@@ -27,7 +27,8 @@
 # run record: summary.json, config.yaml, metrics.jsonl, init_from.json, eval results.json, data collection markers,
 # LeRobot train logs; no checkpoints, videos or TensorBoard files), and the JSON of up to 4 rows finished in this call.
 # Unpack the archive in the repository root after every call (`tar xzf study_results.tgz`): the finished rows'
-# JSONs then travel with the next call's working tree and are skipped there.
+# JSONs then travel with the next call's working tree and are skipped there (a call also restores the JSONs that
+# earlier calls on the same machine finished, from runs/study/results_kept/, if the working tree lacks them).
 #
 # How a session uses it. Resuming needs the row's run directory (runs/study/..., ignored by git, kept on the machine
 # while it is warm): call again within the tool's 30 s warm period with the same rows, until status.txt says done
@@ -78,6 +79,14 @@ for f in "$data_dir"/*.tar.xz; do  # carried stores (see above), each with its m
     fi
   done
   rm -rf "$tmp"
+done
+# row JSONs finished by an earlier call of this lease: the working tree that travels with a call replaces tracked files,
+# so a JSON not yet unpacked here would be lost and its row finished again; keep copies in the ignored out dir
+keep="$(dirname "$data_dir")/results_kept"
+mkdir -p "$keep" "$results_dir"
+for f in "$keep"/*.json; do
+  [ -f "$f" ] || continue
+  [ -f "$results_dir/$(basename "$f")" ] || { cp "$f" "$results_dir/" && echo "restored $(basename "$f") from $keep" >> "$STATUS"; }
 done
 {
   echo "study $STUDY, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%FT%TZ)"
@@ -146,6 +155,7 @@ grep -q "^notyet " "$STATE" && code=3
 grep -q "^failed " "$STATE" && code=1
 rm -f "$STATE"
 
+cp "$results_dir"/*.json "$keep"/ 2>/dev/null
 # results: the row JSONs and the small per-row records, never checkpoints, videos or TensorBoard event files
 files=$( { ls "$results_dir"/*.json 2>/dev/null
            find runs/study/rows -maxdepth 4 -type f \( -name summary.json -o -name config.yaml -o -name metrics.jsonl \

@@ -413,3 +413,31 @@ def test_eval_cuda_graph_setting_is_checked_and_auto_resolves(tmp_path):
     diffusion = toy_policy(head=head_config("dit", {"depth": 1, "hidden": 32})).save_pretrained(tmp_path / "dit")
     assert _use_cuda_graph("auto", "chunkpolicy", str(flow), "cuda") is True
     assert _use_cuda_graph("auto", "chunkpolicy", str(diffusion), "cuda") is False
+
+
+def test_study_gpu_script_restores_row_jsons_of_earlier_calls(tmp_path):
+    """benchmarks/study_gpu.sh: a row JSON finished by an earlier call on the same machine comes back when the next
+    call's working tree lacks it (the tracked file is replaced by the travelling tree), so the row is not redone."""
+    import json as _json
+    import os
+    import subprocess
+    import sys
+
+    path = _study(tmp_path)
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "a-flow.json").write_text(_json.dumps({"row": "a-flow"}))  # done: `study run` skips it in seconds
+    env = {**os.environ, "STUDY": str(path), "GPU_ENV": "/dev/null", "OUT": str(tmp_path / "out1"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "study_gpu.sh"
+    run = lambda: subprocess.run(["bash", str(script), "a-flow"], env=env, capture_output=True, text=True,  # noqa: E731
+                                 cwd=script.parents[1], timeout=300)
+    first = run()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (tmp_path / "work" / "results_kept" / "a-flow.json").is_file()
+    (res / "a-flow.json").unlink()  # the next call's working tree does not have it
+    env["OUT"] = str(tmp_path / "out2")
+    second = run()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "restored a-flow.json" in second.stdout and "a-flow: done" in second.stdout
+    assert _json.loads((res / "a-flow.json").read_text()) == {"row": "a-flow"}
