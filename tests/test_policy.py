@@ -110,6 +110,13 @@ def test_input_errors_name_the_field():
     wrong_mask[:, 5] = True
     with pytest.raises(ValueError, match="action_mask: does not match"):
         policy.compute_loss(dict(b, action_mask=wrong_mask))
+    with pytest.raises(ValueError, match="action_mask: does not match"):  # inference inputs without validate
+        policy.prepare_inputs(dict(b, action_mask=wrong_mask))
+    wrong_state = torch.ones(3, 32, dtype=torch.bool)
+    with pytest.raises(ValueError, match="state_mask: does not match"):
+        policy.validate(dict(b, state_mask=wrong_state), training=False)
+    with pytest.raises(ValueError, match=r"state_mask: expected \(3, 32\)"):
+        policy.validate(dict(b, state_mask=wrong_state[:, :5]), training=False)
     with pytest.raises(ValueError, match="unknown backbone preset 'huge'"):
         ChunkPolicy(PolicyConfig(backbone="huge"), toy_space(), toy_stats())
     with pytest.raises(ValueError, match="unknown head 'mlp'"):

@@ -259,6 +259,30 @@ def test_cuda_graph_training_matches_eager_and_resumes_exactly(stores, tmp_path)
     assert _losses(tmp_path / "res") == g  # a new graph is captured on resume: same losses, bit for bit
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the benchmark machine)")
+def test_graphed_training_steps_never_wait_for_the_gpu(stores, tmp_path):
+    """After the capture, a graph-mode training step (host checks of the batch, copies, replay, EMA, counters) makes
+    no call that waits for the GPU: the host prepares step n+1 while the GPU runs step n."""
+    from chunkpolicy.training.experiment import prepare
+
+    cfg = load_config(_write_cfg(tmp_path / "cfg.yaml", stores, steps=20), [
+        "train.cuda_graph=true", f"train.output_dir={tmp_path / 'run'}", "data.num_workers=1"])
+    prep = prepare(cfg)
+    tr = Trainer(prep.policy, prep.train_set, prep.val_set, cfg.train, run_dir=tmp_path / "run")
+    tr.state = tr.build_state()
+    batches = tr._train_batches()
+    for _ in range(3):  # capture and the loader's start
+        tr.train_step(batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            tr.train_step(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tr.state.step == 7 and torch.isfinite(tr.state.skip_count).all()
+
+
 @pytest.mark.parametrize("mode", ["eager", pytest.param("graph", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the benchmark machine)"))])
 def test_runaway_weight_is_skipped_probed_and_rolled_back_through_train_py(stores, tmp_path, mode):

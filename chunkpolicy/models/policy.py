@@ -84,6 +84,16 @@ class PolicyConfig:
         return cls(**d)
 
 
+def _to(t: torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """``t`` on ``device``; a host→GPU copy is queued without waiting for the GPU (``pin``: from page-locked memory,
+    so that the copy cannot wait either), leaving the host free to prepare the next batch while the GPU works."""
+    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    if pin and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -116,9 +126,11 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
                    f"tokenizer ids (< {len(tokenizer)}) overlap the {config.head.type} head's reserved ids (>= {reserved})")
         self.tokenizer = tokenizer
         self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._host_masks: dict[str, torch.Tensor] = {}  # CPU copies: checking a host batch needs no device round trip
         for kind in ("action", "state"):  # a space may start empty (an imported PaliGemma: post-training adds robots)
             table = space.mask_table(kind) if space.embodiments else torch.zeros(0, space.dim, dtype=torch.bool)
             self.register_buffer(f"_{kind}_masks", table, persistent=False)
+            self._host_masks[kind] = table.clone()
         self.deltas = DeltaActions.for_space(space)  # used only when config.delta_actions
 
     @property
@@ -137,8 +149,10 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
 
     # -- input checks ---------------------------------------------------------------------------------------------
     def validate(self, batch: Mapping[str, Any], training: bool) -> list[int]:
-        """Shapes, dtypes, finiteness and ids of a batch; raises one ValueError naming the field. Returns the
-        embodiment ids as host ints (pass them to :meth:`prepare_inputs` to spare it a device round trip)."""
+        """Shapes, dtypes, finiteness, ids and masks of a batch; raises one ValueError naming the field. Returns the
+        embodiment ids as host ints: pass them to :meth:`prepare_inputs` / :meth:`prepare_train_inputs` to say the
+        batch was checked. The checks run where the batch is: a batch still on the host (the trainer checks the
+        loader's batch before copying it) costs no device round trip, so the GPU never waits for them."""
         need = ["images", "image_mask", "state", "prompt", "embodiment"] + (["actions", "action_is_pad"] if training else [])
         missing = [k for k in need if k not in batch]
         _check(not missing, f"batch: missing keys {missing}")
@@ -159,19 +173,39 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         E = len(self.space.embodiments)
         _check(all(0 <= e < E for e in host[2:]), f"embodiment: ids {host[2:]} outside the {E} registered embodiments")
         _check(len(batch["prompt"]) == B, f"prompt: expected {B} strings, got {len(batch['prompt'])}")
+        ids = host[2:]
+        for kind in ("state", "action"):
+            self._check_mask(batch, kind, ids)
         if training:
             a = batch["actions"]
             _check(tuple(a.shape) == (B, H, D), f"actions: expected [{B}, {H}, {D}], got {tuple(a.shape)}")
             _check(tuple(batch["action_is_pad"].shape) == (B, H), f"action_is_pad: expected [{B}, {H}], got {tuple(batch['action_is_pad'].shape)}")
-            valid = self._masks(batch, "action", emb)[:, None, :] & ~batch["action_is_pad"].bool()[:, :, None]
+            table = self._mask_rows("action", ids, a.device)
+            valid = table[:, None, :] & ~torch.as_tensor(batch["action_is_pad"]).to(a.device).bool()[:, :, None]
             _check(bool(torch.isfinite(torch.where(valid, a, torch.zeros_like(a))).all()), "actions: contains NaN or inf in valid entries")
-        return host[2:]
+        return ids
 
-    def _masks(self, batch: Mapping[str, Any], kind: str, emb: torch.Tensor) -> torch.Tensor:
-        """The batch's ``{kind}_mask`` if given (checked against the space), else the space's masks for ``emb``."""
+    def _mask_rows(self, kind: str, ids: Sequence[int], device: torch.device) -> torch.Tensor:
+        """``[B, D]`` masks of the embodiments ``ids`` (host ints), built on ``device`` (the host table for a CPU batch)."""
+        table = self._host_masks[kind] if device.type == "cpu" else getattr(self, f"_{kind}_masks").to(device)
+        return table[torch.as_tensor(list(ids), dtype=torch.long, device=table.device)]
+
+    def _check_mask(self, batch: Mapping[str, Any], kind: str, ids: Sequence[int]) -> None:
+        """A batch's ``{kind}_mask``, when given, must be the space's masks of its embodiments."""
+        key = f"{kind}_mask"
+        if key not in batch:
+            return
+        m = torch.as_tensor(batch[key])
+        table = self._mask_rows(kind, ids, m.device)
+        _check(tuple(m.shape) == tuple(table.shape), f"{key}: expected {tuple(table.shape)}, got {tuple(m.shape)}")
+        _check(bool((m.bool() == table).all()), f"{key}: does not match the unified space's mask for the embodiment")
+
+    def _masks(self, batch: Mapping[str, Any], kind: str, emb: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """The space's ``[B, D]`` masks for ``emb`` (device ids); a batch's own ``{kind}_mask`` must equal them, which
+        is checked here unless :meth:`validate` already did (``checked``: no device round trip then)."""
         table = (self._action_masks if kind == "action" else self._state_masks).to(emb.device)[emb]
         key = f"{kind}_mask"
-        if key in batch:
+        if key in batch and not checked:
             m = torch.as_tensor(batch[key]).to(table.device).bool()  # a CPU batch for a GPU policy is fine
             _check(tuple(m.shape) == tuple(table.shape), f"{key}: expected {tuple(table.shape)}, got {tuple(m.shape)}")
             _check(bool((m == table).all()), f"{key}: does not match the unified space's mask for the embodiment")
@@ -182,20 +216,22 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         """Tensors for :meth:`infer` on the policy's device: tokenized prompt, masks, embodiment ids (checked on the
         host; ``host_ids``: :meth:`validate`'s return value for this batch, which spares a device→host copy)."""
         dev = self.device
+        checked = host_ids is not None
         emb_in = torch.as_tensor(batch["embodiment"])
         ids = emb_in.long().tolist() if host_ids is None else list(host_ids)
         for key in ("state", "action"):
             self.normalizer.check_ids(key, ids)
-        emb = emb_in.to(dev).long()
-        state = batch["state"].to(dev).float()
+        emb = _to(emb_in, dev).long()
+        state = _to(batch["state"], dev).float()
         prompts = list(batch["prompt"])
         if self.config.state_in_prompt:
             prompts = self.state_prompts(prompts, state, emb, ids)
-        ids, am = self._tokenize(prompts, raw=self.config.state_in_prompt)
+        tok, am = self._tokenize(prompts, raw=self.config.state_in_prompt)
         return {
-            "images": batch["images"].to(dev), "image_mask": batch["image_mask"].to(dev).bool(), "input_ids": ids,
-            "attention_mask": am, "state": state, "state_mask": self._masks(batch, "state", emb),
-            "action_mask": self._masks(batch, "action", emb), "embodiment": emb,
+            "images": _to(batch["images"], dev), "image_mask": _to(torch.as_tensor(batch["image_mask"]), dev).bool(),
+            "input_ids": tok, "attention_mask": am, "state": state,
+            "state_mask": self._masks(batch, "state", emb, checked), "action_mask": self._masks(batch, "action", emb, checked),
+            "embodiment": emb,
         }
 
     def state_prompts(self, tasks: Sequence[str], state: torch.Tensor, embodiment: torch.Tensor,
@@ -226,7 +262,8 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         key = (id(self.tokenizer), str(self.device), raw, *prompts) if ok else None  # tokenizer or device swapped: a miss
         hit = self._token_cache.get(key) if key is not None else None
         if hit is None:
-            hit = tokenize_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens, device=self.device, raw=raw)
+            ids, am = tokenize_prompts(self.tokenizer, prompts, self.config.max_prompt_tokens, raw=raw)
+            hit = _to(ids, self.device, pin=True), _to(am, self.device, pin=True)
             if key is not None:
                 if len(self._token_cache) >= 256:  # bounded: training batches rarely repeat
                     self._token_cache.pop(next(iter(self._token_cache)))
@@ -261,21 +298,25 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         return kept[:, :N], am & kept[:, N:]
 
     # -- training -------------------------------------------------------------------------------------------------
-    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                     host_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Loss on a batch of the schema in robot units (see CONTRIBUTING.md); returns ``{"loss", ...}``.
 
         = :meth:`prepare_train_inputs` (validation, tokens, normalization: host work) + :meth:`loss_from_inputs`
-        (device work only)."""
-        return self.loss_from_inputs(self.prepare_train_inputs(batch), generator)
+        (device work only). ``host_ids``: :meth:`validate`'s return value when the caller checked the batch."""
+        return self.loss_from_inputs(self.prepare_train_inputs(batch, host_ids), generator)
 
-    def prepare_train_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def prepare_train_inputs(self, batch: Mapping[str, Any], host_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Validated device tensors for :meth:`loss_from_inputs`: :meth:`prepare_inputs` plus normalized ``actions
-        [B, H, D]``, ``action_mask [B, D]`` (bool) and ``action_is_pad [B, H]`` (bool)."""
-        inp = self.prepare_inputs(batch, self.validate(batch, training=True))
+        [B, H, D]``, ``action_mask [B, D]`` (bool) and ``action_is_pad [B, H]`` (bool). ``host_ids``:
+        :meth:`validate`'s return value when the caller already checked this batch (on the host, before copying it
+        to the device: then nothing here waits for the device)."""
+        if host_ids is None:
+            host_ids = self.validate(batch, training=True)
+        inp = self.prepare_inputs(batch, host_ids)
         emb = inp["embodiment"]
-        inp["action_mask"] = self._masks(batch, "action", emb)
-        inp["actions"] = self.normalizer.normalize("action", batch["actions"].to(self.device).float(), emb, check=False)  # ids checked above
-        inp["action_is_pad"] = batch["action_is_pad"].to(self.device).bool()
+        inp["actions"] = self.normalizer.normalize("action", _to(batch["actions"], self.device).float(), emb, check=False)  # ids checked above
+        inp["action_is_pad"] = _to(torch.as_tensor(batch["action_is_pad"]), self.device).bool()
         return inp
 
     def loss_from_inputs(self, inputs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

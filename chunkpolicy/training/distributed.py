@@ -16,8 +16,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model.compute_loss(batch)
+    def forward(self, batch: Mapping[str, Any], host_ids: Any = None) -> dict[str, torch.Tensor]:
+        """``host_ids``: the batch was checked on the host (``ChunkPolicy.validate``'s return value)."""
+        return self.model.compute_loss(batch) if host_ids is None else self.model.compute_loss(batch, host_ids=host_ids)
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):

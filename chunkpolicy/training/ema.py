@@ -14,6 +14,11 @@ import torch
 from torch import nn
 
 
+def _sharded(t: torch.Tensor) -> bool:
+    """A DTensor (an FSDP shard)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "placements")
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
@@ -44,7 +49,11 @@ class EMA:
         if skip is not None:
             w = (1.0 - skip.to(shadows[0].device, torch.float32)) * w
         if all(p.dtype == torch.float32 and p.device == s.device for p, s in zip(params, shadows)):
-            torch._foreach_lerp_(shadows, params, w)
+            if isinstance(w, torch.Tensor) and not any(_sharded(p) for p in params):
+                # a device weight goes as a list: passed as a number it is read on the host (a device sync a step)
+                torch._foreach_lerp_(shadows, params, [w] * len(shadows))
+            else:  # FSDP shards have no sharding rule for a list of weights: a number (one host read a step)
+                torch._foreach_lerp_(shadows, params, float(w))
         else:
             for s, p in zip(shadows, params):
                 s.lerp_(p.to(s.device, torch.float32), w)

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from chunkpolicy.training.distributed import LossModule
+
 __all__ = ["ShardInfo", "shard_model", "called_modules", "layer_units", "FSDPLossModule", "full_state_dict",
            "consolidated", "SHARDED_DIR", "save_sharded", "load_sharded", "local_norm",
            "sharded_optimizer_health", "reshard_all", "sharded_finite"]
@@ -147,18 +149,17 @@ def _gather_before_any_backward(mods: list[nn.Module]) -> None:
         m.register_forward_hook(hook)
 
 
-class FSDPLossModule(nn.Module):
-    """``forward(batch) = model.compute_loss(batch)`` under ``autocast`` (what accelerate's model wrapper adds in the
-    DDP path); ``no_sync()`` keeps gradients unreduced (accelerate calls it for the micro-batches of an accumulation
-    window before the last)."""
+class FSDPLossModule(LossModule):
+    """:class:`LossModule` under ``autocast`` (what accelerate's model wrapper adds in the DDP path); ``no_sync()``
+    keeps gradients unreduced (accelerate calls it for the micro-batches of an accumulation window before the last)."""
 
     def __init__(self, model: nn.Module, autocast: Callable[[], Any]) -> None:
-        super().__init__()
-        self.model, self._autocast = model, autocast
+        super().__init__(model)
+        self._autocast = autocast
 
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Mapping[str, Any], host_ids: Any = None) -> dict[str, torch.Tensor]:
         with self._autocast():
-            return self.model.compute_loss(batch)
+            return super().forward(batch, host_ids)
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:

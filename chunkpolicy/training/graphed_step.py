@@ -26,7 +26,7 @@ Contract, checked where it can be:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -125,17 +125,18 @@ class GraphedTrainStep:
         self.optimizer.step()
         return loss.detach(), norm, skipped
 
-    def load_inputs(self, batch: Mapping[str, Any]) -> None:
-        """Validate ``batch`` (schema, robot units) and copy its prepared tensors into the captured buffers."""
-        for k, v in self.policy.prepare_train_inputs(batch).items():
+    def load_inputs(self, batch: Mapping[str, Any], host_ids: Sequence[int] | None = None) -> None:
+        """Validate ``batch`` (schema, robot units; ``host_ids``: the caller already did, with
+        :meth:`ChunkPolicy.validate`) and copy its prepared tensors into the captured buffers."""
+        for k, v in self.policy.prepare_train_inputs(batch, host_ids).items():
             if v.shape != self.inputs[k].shape:
                 raise ValueError(f"{k}: shape {tuple(v.shape)} differs from the captured {tuple(self.inputs[k].shape)}; "
                                  "build a GraphedTrainStep for this shape")
             self.inputs[k].copy_(v)
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Mapping[str, Any], host_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """One optimizer step on ``batch``; returns copies of the step's loss, (pre-clipping) gradient norm and the
-        skip flag (1.0: not finite, the update was skipped)."""
-        self.load_inputs(batch)
+        skip flag (1.0: not finite, the update was skipped). ``host_ids``: see :meth:`load_inputs`."""
+        self.load_inputs(batch, host_ids)
         self.graph.replay()
         return {"loss": self.loss.clone(), "grad_norm": self.grad_norm.clone(), "skipped": self.skipped.clone()}

@@ -398,7 +398,8 @@ class Trainer(NonFiniteGuard):
         return self._commit_checkpoint(tmp)
 
     # -- one optimizer step ---------------------------------------------------------------------------------------
-    def _micro_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _micro_step(self, batch: Mapping[str, Any], host_ids: list[int] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Forward and backward of one micro-batch, and clipping + the optimizer step when the accumulation window
         closes; returns the detached loss, and the gradient norm and skip flag (1.0: a loss of the window or the
         gradient norm was not finite, the update was skipped) when this call closed the window. The one place where
@@ -411,12 +412,12 @@ class Trainer(NonFiniteGuard):
 
                 st.graph = GraphedTrainStep(self.model, st.optimizer, batch, max_grad_norm=cfg.grad_clip or None,
                                             autocast=cfg.mixed_precision == "bf16")
-            out = st.graph(batch)
+            out = st.graph(batch, host_ids)
             return out["loss"], out["grad_norm"], out["skipped"]
         gnorm = skipped = None
         host_skip = False
         with acc.accumulate(st.wrapper):
-            loss = st.wrapper(batch)["loss"]
+            loss = st.wrapper(batch, host_ids)["loss"]
             acc.backward(loss)
             self._window_bad = self._window_bad | ~torch.isfinite(loss.detach())
             if acc.sync_gradients:
@@ -451,7 +452,11 @@ class Trainer(NonFiniteGuard):
         self._window_bad = torch.zeros((), dtype=torch.bool, device=st.device)
         for _ in range(self.cfg.grad_accum):  # 1 in graph mode
             host.append(next(batches))
-            loss, g, sk = self._micro_step(to_device(host[-1], st.device))
+            # checked on the host, before the copy: a check of device tensors would make the host wait for the GPU
+            # to finish the previous step, so it could not prepare this one meanwhile
+            validate = getattr(self.model, "validate", None)  # ChunkPolicy's; other models check their own batches
+            ids = validate(host[-1], training=True) if validate is not None else None
+            loss, g, sk = self._micro_step(to_device(host[-1], st.device), ids)
             losses.append(loss)
             gnorm = gnorm if g is None else g
             skipped = skipped if sk is None else sk
