@@ -76,13 +76,14 @@ def check_embodiment(policy: Any, env_name: str, env_kwargs: dict[str, Any] | No
 
 
 def _history_batch(history: Sequence[list[Obs]], policy: Any, spec: EmbodimentSpec, prompts: list[str]) -> dict:
-    """Stack ``T`` per-tick observation lists (oldest first) into one batch with ``T_obs = T``."""
+    """Stack ``T`` per-tick observation lists (oldest first) into one batch with ``T_obs = T``, on the host: the
+    policy checks it there and copies it to its device itself (checks of device tensors would wait for the GPU)."""
     parts = [obs_to_batch(obs, policy.space, spec, prompts) for obs in history]
     batch = dict(parts[-1])
     if len(parts) > 1:
         batch[K.IMAGES] = torch.cat([p[K.IMAGES] for p in parts], dim=2)  # [B, N, T, 3, h, w]
         batch[K.STATE] = torch.cat([p[K.STATE] for p in parts], dim=1)  # [B, T, D]
-    return {k: v.to(policy.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
 
 
 def check_cuda_graph(policy: Any, device: Any = None) -> None:
