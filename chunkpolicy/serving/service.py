@@ -282,8 +282,7 @@ class PolicyService:
         else:
             from chunkpolicy.runtime.rtc import RTCGuidance, rtc_target
 
-            batch = {k: v.to(pol.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            inp = pol.prepare_inputs(batch, pol.validate(batch, training=False))
+            inp = pol.prepare_inputs(batch, pol.validate(batch, training=False))  # checked on the host, then copied
             prefix = np.concatenate([r.prefix for r in reqs])
             target, w = rtc_target(pol, prefix, inp, None, reqs[0].prefix_len)
             if self.cuda_graph:
