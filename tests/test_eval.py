@@ -199,3 +199,23 @@ def test_eval_with_cuda_graphs_gives_the_eager_episodes_or_refuses(tmp_path):
 def test_cuda_graph_is_refused_for_lerobot_and_server_methods(tmp_path):
     with pytest.raises(ValueError, match="cuda_graph: only for a chunkpolicy --checkpoint"):
         run_eval(None, "metaworld", ["reach-v3"], lerobot_policy=tmp_path, cuda_graph=True, out=tmp_path / "o")
+
+
+def test_cuda_graph_auto_resolves_per_head_and_device(tmp_path):
+    """``cuda_graph="auto"`` (the study's default): graphs only for heads that sample without host syncs on CUDA;
+    what ran is in the results."""
+    from chunkpolicy.evaluation.cli import resolve_cuda_graph
+    from chunkpolicy.models.heads.base import head_class
+    from chunkpolicy.models.heads.configs import head_config
+
+    for name, (head, opts) in HEADS.items():
+        caps = head_class(head).capabilities(head_config(head, opts))
+        assert resolve_cuda_graph("auto", caps, "cuda") is (name in ("flow_expert", "dit-flow")), name
+        assert resolve_cuda_graph("auto", caps, "cpu") is False
+        assert resolve_cuda_graph(True, caps, "cpu") is True and resolve_cuda_graph(False, caps, "cuda") is False
+    _, ckpt = _mw_policy(tmp_path)
+    res = run_eval(ckpt, "metaworld", ["reach-v3"], episodes=1, executor="open_loop:2", num_envs=1, image_size=HW,
+                   max_steps=2, videos=0, progress=False, out=tmp_path / "a", device="cpu", cuda_graph="auto")
+    assert res["cuda_graph"] is False
+    with pytest.raises(ValueError, match="cuda_graph: expected true, false or 'auto'"):
+        run_eval(ckpt, "metaworld", ["reach-v3"], out=tmp_path / "b", device="cpu", cuda_graph="yes")

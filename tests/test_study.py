@@ -399,22 +399,6 @@ def test_summary_table_shows_eager_and_graph_latency():
     assert "| 60.00 / 3.25 |" in graphed and "| 60.00 / — |" in eager
 
 
-def test_eval_cuda_graph_setting_is_checked_and_auto_resolves(tmp_path):
-    from chunkpolicy.study.runner import _use_cuda_graph
-
-    assert _use_cuda_graph(True, "chunkpolicy", "unused", "cpu") is True  # explicit: passed on (run_eval refuses on CPU)
-    assert _use_cuda_graph(False, "chunkpolicy", "unused", "cuda") is False
-    assert _use_cuda_graph("auto", "lerobot", "unused", "cuda") is False
-    assert _use_cuda_graph("auto", "chunkpolicy", "unused", "cpu") is False
-    from helpers import toy_policy
-    from chunkpolicy.models.heads.configs import head_config
-
-    flow = toy_policy(head="flow_expert").save_pretrained(tmp_path / "flow")
-    diffusion = toy_policy(head=head_config("dit", {"depth": 1, "hidden": 32})).save_pretrained(tmp_path / "dit")
-    assert _use_cuda_graph("auto", "chunkpolicy", str(flow), "cuda") is True
-    assert _use_cuda_graph("auto", "chunkpolicy", str(diffusion), "cuda") is False
-
-
 def test_study_gpu_script_restores_row_jsons_of_earlier_calls(tmp_path):
     """benchmarks/study_gpu.sh: a row JSON finished by an earlier call on the same machine comes back when the next
     call's working tree lacks it (the tracked file is replaced by the travelling tree), so the row is not redone."""

@@ -119,6 +119,14 @@ def _tasks(env: str, arg: str) -> list[str]:
     return tasks
 
 
+def resolve_cuda_graph(setting: bool | str, caps: Any, device: str) -> bool:
+    """``cuda_graph`` as given when True / False; ``"auto"``: True for a head that samples without host syncs
+    (``caps.sync_free_sample``) on a CUDA device."""
+    if setting != "auto":
+        return bool(setting)
+    return str(device).startswith("cuda") and bool(caps.sync_free_sample)
+
+
 def run_eval(
     checkpoint: str | os.PathLike | None,
     env: str,
@@ -141,7 +149,7 @@ def run_eval(
     baseline_cache: bool = True,
     lerobot_policy: str | os.PathLike | None = None,
     server: str | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | str = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (and/or the do-nothing baseline) and write the report; returns the results dict.
 
@@ -149,7 +157,8 @@ def run_eval(
     ``ValueError`` before any rollout if the env's embodiment is not one the policy was trained on, or ``image_size``
     (default: the checkpoint's training image size) differs from the training data's. ``cuda_graph``: a chunkpolicy
     checkpoint's chunks are replayed as CUDA graphs (captured once per worker process; a CUDA device and a head that
-    samples without host syncs, else an error before any rollout); the same chunks as eager for the same noise."""
+    samples without host syncs, else an error before any rollout); the same chunks as eager for the same noise.
+    ``"auto"``: graphs where they can run (:func:`resolve_cuda_graph`); ``results["cuda_graph"]`` says what ran."""
     import torch
 
     from chunkpolicy.evaluation.report import bar_chart, invalid_counts, markdown_table, summarize, write_json_atomic
@@ -163,9 +172,13 @@ def run_eval(
         raise ValueError("checkpoint: give --checkpoint or --lerobot-policy, not both")
     if server is not None and (checkpoint is not None or lerobot_policy is not None):
         raise ValueError("server: give --server or --checkpoint / --lerobot-policy, not both")
-    if cuda_graph and checkpoint is None:
+    if cuda_graph not in (True, False, "auto"):
+        raise ValueError(f"cuda_graph: expected true, false or 'auto', got {cuda_graph!r}")
+    if cuda_graph is True and checkpoint is None:
         raise ValueError("cuda_graph: only for a chunkpolicy --checkpoint (a LeRobot policy or a server runs its own "
                          "inference)")
+    if checkpoint is None:
+        cuda_graph = False  # "auto": nothing of ours to graph
     if checkpoint is None and lerobot_policy is None and server is None and not baseline:
         raise ValueError("checkpoint: give --checkpoint (or --lerobot-policy), or --baseline-only to evaluate the "
                          "do-nothing baseline")
@@ -208,6 +221,7 @@ def run_eval(
         horizon = policy.config.horizon
         check_executor(ex_spec, policy.head.caps, type(policy.head).__name__)
         may_fail["policy"] = bool(policy.head.caps.may_fail)
+        cuda_graph = resolve_cuda_graph(cuda_graph, policy.head.caps, dev)
         if cuda_graph:
             check_cuda_graph(policy, dev)
         from chunkpolicy.models.tokenizer import check_prompts  # a too-long task prompt: an error before any rollout

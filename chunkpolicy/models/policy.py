@@ -200,16 +200,13 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         _check(tuple(m.shape) == tuple(table.shape), f"{key}: expected {tuple(table.shape)}, got {tuple(m.shape)}")
         _check(bool((m.bool() == table).all()), f"{key}: does not match the unified space's mask for the embodiment")
 
-    def _masks(self, batch: Mapping[str, Any], kind: str, emb: torch.Tensor, checked: bool = False) -> torch.Tensor:
-        """The space's ``[B, D]`` masks for ``emb`` (device ids); a batch's own ``{kind}_mask`` must equal them, which
-        is checked here unless :meth:`validate` already did (``checked``: no device round trip then)."""
-        table = (self._action_masks if kind == "action" else self._state_masks).to(emb.device)[emb]
-        key = f"{kind}_mask"
-        if key in batch and not checked:
-            m = torch.as_tensor(batch[key]).to(table.device).bool()  # a CPU batch for a GPU policy is fine
-            _check(tuple(m.shape) == tuple(table.shape), f"{key}: expected {tuple(table.shape)}, got {tuple(m.shape)}")
-            _check(bool((m == table).all()), f"{key}: does not match the unified space's mask for the embodiment")
-        return table
+    def _masks(self, batch: Mapping[str, Any], kind: str, emb: torch.Tensor, ids: Sequence[int],
+               checked: bool = False) -> torch.Tensor:
+        """The space's ``[B, D]`` masks for ``emb`` (device ids; ``ids``: the same on the host); a batch's own
+        ``{kind}_mask`` must equal them, checked here unless :meth:`validate` already did (``checked``)."""
+        if not checked:
+            self._check_mask(batch, kind, ids)
+        return (self._action_masks if kind == "action" else self._state_masks).to(emb.device)[emb]
 
     # -- shared forward -------------------------------------------------------------------------------------------
     def prepare_inputs(self, batch: Mapping[str, Any], host_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
@@ -230,7 +227,8 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
         return {
             "images": _to(batch["images"], dev), "image_mask": _to(torch.as_tensor(batch["image_mask"]), dev).bool(),
             "input_ids": tok, "attention_mask": am, "state": state,
-            "state_mask": self._masks(batch, "state", emb, checked), "action_mask": self._masks(batch, "action", emb, checked),
+            "state_mask": self._masks(batch, "state", emb, ids, checked),
+            "action_mask": self._masks(batch, "action", emb, ids, checked),
             "embodiment": emb,
         }
 

@@ -311,18 +311,6 @@ def chunk_latency(kind: str, checkpoint: str, env: str, task: str, env_kwargs: d
         e.close()
 
 
-def _use_cuda_graph(setting: bool | str, kind: str, checkpoint: str, device: str) -> bool:
-    """``eval.cuda_graph``: true / false as given; ``auto``: a chunkpolicy checkpoint whose head samples without host
-    syncs, on a CUDA device (CUDA graphs give the same chunks as eager for the same noise, fewer launches)."""
-    if setting != "auto":
-        return bool(setting)
-    if kind == "lerobot" or not str(device).startswith("cuda"):
-        return False
-    from chunkpolicy.models.policy import ChunkPolicy
-
-    return bool(ChunkPolicy.from_pretrained(checkpoint, map_location="cpu").head.caps.sync_free_sample)
-
-
 def _eval_one(row: Row, kind: str, checkpoint: str, tasks: list[str], out: Path, device: str, log: Log,
               command: str, force: bool = False, episodes: int | None = None, deadline: Deadline | None = None,
               reserve_s: float = 0.0) -> dict[str, Any]:
@@ -345,15 +333,14 @@ def _eval_one(row: Row, kind: str, checkpoint: str, tasks: list[str], out: Path,
             return old
     if deadline is not None:
         deadline.check(f"evaluating {checkpoint}", reserve_s)
-    graph = _use_cuda_graph(ev["cuda_graph"], kind, checkpoint, device)
     log(f"[{row.name}] evaluating {checkpoint} ({ev['episodes']} episodes/task × {len(tasks)} tasks, {ev['executor']}"
-        + (", CUDA graphs)" if graph else ")"))
+        f", cuda_graph {ev['cuda_graph']})")
     t0 = time.perf_counter()
     res = run_eval(None if kind == "lerobot" else checkpoint, row.data.env, tasks, episodes=ev["episodes"],
                    executor=ev["executor"], num_envs=ev["num_envs"], workers=ev["workers"], seed=ev["seed"],
                    max_steps=ev["max_steps"], num_steps=ev["num_steps"], baseline=False, videos=ev["videos"],
                    device=device, out=out, progress=False, command=command,
-                   lerobot_policy=checkpoint if kind == "lerobot" else None, cuda_graph=graph)
+                   lerobot_policy=checkpoint if kind == "lerobot" else None, cuda_graph=ev["cuda_graph"])
     res["study_key"] = key
     res["eval_wall_s"] = time.perf_counter() - t0
     _write_json(res, res_path)
