@@ -219,3 +219,41 @@ def test_cuda_graph_auto_resolves_per_head_and_device(tmp_path):
     assert res["cuda_graph"] is False
     with pytest.raises(ValueError, match="cuda_graph: expected true, false or 'auto'"):
         run_eval(ckpt, "metaworld", ["reach-v3"], out=tmp_path / "b", device="cpu", cuda_graph="yes")
+
+
+@pytest.mark.parametrize("executor,n_obs_steps", [("open_loop:3", 1), ("open_loop:3", 2), ("rtc:3,1", 1),
+                                                  ("temporal_ensemble:0.1", 1)])
+def test_frames_are_rendered_only_where_the_policy_or_the_video_reads_them(tmp_path, monkeypatch, executor,
+                                                                          n_obs_steps):
+    """Evaluation skips camera frames the policy will not read (the executor's will_predict, T_obs ticks back): the
+    same episodes and video as rendering every tick, with fewer frames rendered where the executor runs several
+    actions per chunk."""
+    from chunkpolicy.sim.base import SimEnv
+    from chunkpolicy.sim.metaworld_env import MetaWorldEnv
+
+    _, ckpt = _mw_policy(tmp_path, n_obs_steps=n_obs_steps, horizon=6)
+    renders = [0]
+    orig_render = MetaWorldEnv._render
+
+    def counted(self):
+        renders[0] += 1
+        return orig_render(self)
+
+    monkeypatch.setattr(MetaWorldEnv, "_render", counted)
+    kw = dict(num_envs=2, video_episodes=1, env_kwargs={"image_size": HW, "max_steps": 13}, progress=False, workers=0)
+    m = Method("policy", str(ckpt), horizon=6, rtc=executor.startswith("rtc"))
+    lazy = evaluate([m], "metaworld", ["reach-v3"], 2, executor, **kw)["policy"]
+    n_lazy, renders[0] = renders[0], 0
+    orig_step = SimEnv.step
+    monkeypatch.setattr(SimEnv, "step", lambda self, action, render=True: orig_step(self, action, True))
+    full = evaluate([m], "metaworld", ["reach-v3"], 2, executor, **kw)["policy"]
+    assert lazy["episodes"] == full["episodes"] and all(e["steps"] == 13 for e in full["episodes"])
+    (v_lazy,), (v_full,) = lazy["videos"]["reach-v3"], full["videos"]["reach-v3"]
+    assert len(v_lazy) == 13 and all(np.array_equal(a, b) for a, b in zip(v_lazy, v_full, strict=True))
+    assert renders[0] == 2 * 14  # reset + 13 steps, both envs
+    if executor == "temporal_ensemble:0.1":
+        assert n_lazy == renders[0]  # it reads every tick
+    else:  # env 0 (video) every tick; env 1 at reset, at the ticks a prediction reads and at its episode's end
+        ticks = {("open_loop:3", 1): {3, 6, 9, 12}, ("open_loop:3", 2): {2, 3, 5, 6, 8, 9, 11, 12},
+                 ("rtc:3,1", 1): {3, 6, 9, 12}}[executor, n_obs_steps]
+        assert n_lazy == 14 + 1 + len(ticks | {13})

@@ -91,9 +91,9 @@ def test_invalid_env_keeps_still_and_is_counted(tmp_path, monkeypatch):
     steps = []
     orig_step = EnvPool.step
 
-    def spy(self, actions):
+    def spy(self, actions, render=True):
         steps.append(([np.array(o["state"]) for o in self._obs], np.array(actions)))
-        return orig_step(self, actions)
+        return orig_step(self, actions, render)
 
     monkeypatch.setattr(EnvPool, "step", spy)
     res = evaluate([Method("policy", ckpt, horizon=4), Method("do-nothing", None, horizon=4)], "pusht", ["push-t"], 2,

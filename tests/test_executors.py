@@ -226,3 +226,29 @@ def test_rtc_executor_needs_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+# -- will_predict: the ticks at which an executor will call the policy, known ahead ------------------------------------
+WILL_PREDICT_SPECS = sorted({*available_executors(), "open_loop:3", "open_loop:1", "rtc:4,1", "rtc:3,0"})
+
+
+@pytest.mark.parametrize("spec", WILL_PREDICT_SPECS)
+def test_will_predict_never_misses_a_prediction(spec):
+    """Every registered executor (and a few settings): asked at each tick about the next 6 ticks, it never answers
+    False for a tick at which it then calls the policy (a simulator that skipped those frames would feed the policy
+    an unrendered observation); open_loop with k and rtc answer exactly."""
+    ex = make_executor(spec)
+    ex.reset()
+    forecasts: dict[int, list[bool]] = {}
+    for t in range(40):
+        for j in range(6):
+            forecasts.setdefault(t + j, []).append(ex.will_predict(t + j))
+        ex.act(t, None, lambda obs, **kw: np.zeros((2, 12, 3)))  # B=2, H=12
+        with pytest.raises(ValueError, match="already acted on"):
+            ex.will_predict(t)
+    predicted = set(ex.prediction_ticks)
+    assert predicted and all(all(forecasts[p]) for p in predicted)
+    if spec in ("open_loop:3", "open_loop:1", "rtc:4,1", "rtc:3,0"):  # exact: no frames rendered for nothing
+        assert {t for t in range(40) if any(forecasts[t])} == predicted
+    if spec == "open_loop":  # k = H: after the first chunk, the horizon is known
+        assert {t for t in range(12, 40) if forecasts[t][-1]} == {t for t in predicted if t >= 12}

@@ -36,6 +36,24 @@ from chunkpolicy.serving.client import PolicyClient, RobotLoop, ServerError  # n
 H = 6
 
 
+@pytest.fixture(autouse=True)
+def _close_openpi_clients(monkeypatch):
+    """openpi's client has no close(): each test's connections are closed when it ends, so that no test leaves open
+    connections (and their reader threads) behind for the next."""
+    opened = []
+    orig = openpi_ws.WebsocketClientPolicy._wait_for_server
+
+    def tracked(self):
+        conn, meta = orig(self)
+        opened.append(conn)
+        return conn, meta
+
+    monkeypatch.setattr(openpi_ws.WebsocketClientPolicy, "_wait_for_server", tracked)
+    yield
+    for conn in opened:
+        conn.close()
+
+
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
     path = toy_policy(horizon=H).save_pretrained(tmp_path_factory.mktemp("ckpt") / "toy")

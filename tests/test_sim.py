@@ -366,3 +366,44 @@ def test_collect_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["collect", "--help"])
     assert e.value.code == 0 and "--episodes" in capsys.readouterr().out
+
+
+# -- frames on demand -------------------------------------------------------------------------------------------------
+ADAPTERS = {"metaworld": ("push-v3", ("metaworld", "mujoco")), "fetch": ("push", ("gymnasium_robotics", "mujoco")),
+            "aloha": ("transfer-cube", ("dm_control", "gym_aloha")), "pusht": ("push-t", ("gym_pusht",))}
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_step_without_frames_then_render_gives_the_frames_of_that_state(name):
+    """Every adapter: ``step(a, render=False)`` leaves the frames out (PushT draws them anyway and keeps them), the
+    state is the same, and ``render()`` gives exactly the frames ``step(a)`` would have returned."""
+    task, mods = ADAPTERS[name]
+    _need(*mods)
+    with make_env(name, task, image_size=(16, 16)) as env:
+        a = np.full(env.spec.action_dim, 300.0 if name == "pusht" else 0.1, np.float32)  # PushT: pixels
+        env.reset(3)
+        skipped, *_ = env.step(a, render=False)
+        later = env.render()
+        env.reset(3)
+        full, *_ = env.step(a)
+    np.testing.assert_array_equal(skipped["state"], full["state"])
+    assert (skipped["images"] is None) == (name != "pusht")
+    assert set(later) == set(full["images"]) == set(env.spec.cameras)
+    for cam in later:
+        np.testing.assert_array_equal(later[cam], full["images"][cam])
+
+
+def test_envpool_frames_schedule_and_a_frameless_observation_is_refused():
+    """EnvPool.step renders per env as asked, always for an env whose episode ends; obs_to_batch names a frameless
+    observation instead of batching it as "no cameras"."""
+    _need("gymnasium_robotics", "mujoco")
+    with EnvPool.make("fetch", ["reach", "reach"], image_size=(16, 16), max_steps=2) as pool:
+        pool.reset([0, 1])
+        obs, _, dones, _ = pool.step(np.zeros((2, 4)), render=[True, False])
+        assert obs[0]["images"] is not None and obs[1]["images"] is None and not dones.any()
+        space = UnifiedSpace(32, "pad", embodiments=[pool.spec])
+        with pytest.raises(ValueError, match=r"observations\[1\]\['images'\]: not rendered"):
+            obs_to_batch(obs, space, pool.spec, pool.prompts)
+        obs, _, dones, _ = pool.step(np.zeros((2, 4)), render=False)  # the last tick: episodes end
+        assert dones.all() and all(o["images"] is not None for o in obs)
+        obs_to_batch(obs, space, pool.spec, pool.prompts)

@@ -203,6 +203,7 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
     def on_chunk(bad: np.ndarray) -> None:
         invalid[:] += bad & ~pool.dones
 
+    T: int | None = 1  # ticks of observations a prediction reads; None: every tick (a per-tick hook reads them all)
     if method.checkpoint is None:
         policy_fn, hook = do_nothing_predict_fn(pool.spec, method.horizon), None
     elif method.kind == "lerobot":
@@ -210,17 +211,20 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
 
         policy_fn, hook = lerobot_predict_fn(load_lerobot_policy(method.checkpoint, method.device), pool.prompts,
                                              seed=int(seeds[0]))
+        T = None
     elif method.kind == "server":
         from chunkpolicy.evaluation.served import served_predict_fn
 
         policy_fn, hook, client = served_predict_fn(method.checkpoint, pool.spec, pool.prompts, seed=int(seeds[0]),
                                                     rtc=method.rtc, on_chunk=on_chunk)
+        T = None
     else:
         policy = _load_policy(method.checkpoint, method.device)
         cache = _GRAPHS.setdefault((method.checkpoint, method.device), {}) if method.cuda_graph else None
         policy_fn, hook = policy_predict_fn(policy, pool.spec, pool.prompts, num_steps=method.num_steps,
                                             seed=int(seeds[0]), rtc=method.rtc, on_chunk=on_chunk,
                                             cuda_graph=method.cuda_graph, graph_cache=cache)
+        T = int(policy.config.n_obs_steps)
 
     def predict_fn(obs: list[Obs], **kw: Any) -> Any:
         chunks[:] += ~pool.dones  # an env that is done no longer asks for chunks
@@ -236,8 +240,15 @@ def run_batch(method: Method, env_name: str, task: str, seeds: Sequence[int], ex
                 f.append(frame_of(obs[i], cams))
 
     ex = make_executor(executor)
+    video = np.arange(len(seeds)) < len(frames)
+
+    def frames_needed(t: int) -> np.ndarray:
+        # rendering costs several times the physics step: frames only where a prediction or the video reads them
+        read = T is None or any(ex.will_predict(t + j) for j in range(T))
+        return video | read
+
     try:
-        records = pool.rollout(predict_fn, ex, seeds, on_step=on_step)
+        records = pool.rollout(predict_fn, ex, seeds, on_step=on_step, frames=frames_needed)
     finally:
         if method.kind == "server":
             client.close()

@@ -16,7 +16,8 @@ env observations, a ready batch dict, ...). Ticks must be consecutive from 0 aft
 raises), so an executor never silently drifts out of step with the environment.
 
 Adding an executor: subclass :class:`ChunkExecutor`, implement ``_reset`` and ``_act``, and call
-:func:`register_executor`. Executors that need more from the policy than an observation pass extra keyword arguments to
+:func:`register_executor`; override :meth:`ChunkExecutor.will_predict` when the ticks at which it calls the policy
+are known ahead (a simulator then renders camera frames only for those ticks). Executors that need more from the policy than an observation pass extra keyword arguments to
 ``predict_fn``: :class:`RealTimeChunking` (``rtc``) conditions the next chunk on the actions that will already have run
 during the inference delay, ``predict_fn(obs, prefix=..., prefix_len=d)``; the policy side decides how to honour them
 (in process :func:`chunkpolicy.runtime.rtc.rtc_predict_fn`, which needs torch; over the wire
@@ -104,6 +105,15 @@ class ChunkExecutor(ABC):
         """The tick the next :meth:`act` call must pass."""
         return self._tick
 
+    def will_predict(self, t: int) -> bool:
+        """Whether ``act(t)`` will call ``predict_fn``, judged from the ticks acted on so far (``t >= tick``).
+
+        Never False for a tick at which it will predict; True when the executor cannot tell (the default: every
+        tick). Callers use it to skip work for observations the policy will not see (rendering frames)."""
+        if int(t) < self._tick:
+            raise ValueError(f"{self.name}: will_predict({t}) asks about a tick already acted on (next tick {self._tick})")
+        return True
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()})"
 
@@ -163,6 +173,15 @@ class OpenLoop(ChunkExecutor):
     def _reset(self) -> None:
         self._chunk: np.ndarray | None = None
         self._pos = 0
+
+    def will_predict(self, t: int) -> bool:
+        super().will_predict(t)
+        if self._chunk is None:  # the next act predicts; after it, every k ticks (k=None: the horizon, unknown yet)
+            return t == self._tick or self.k is None or (t - self._tick) % self.k == 0
+        k = self.k if self.k is not None else self._chunk.shape[1]
+        nxt = self._tick + k - self._pos  # the tick at which this chunk runs out
+        # k=None: later chunks may have another horizon, so beyond the next prediction every tick may be one
+        return t == nxt or (t > nxt and (self.k is None or (t - nxt) % k == 0))
 
     def _act(self, t: int, obs: Any, predict_fn: PredictFn) -> np.ndarray:
         k = self.k if self.k is not None else (self._chunk.shape[1] if self._chunk is not None else None)
@@ -246,6 +265,11 @@ class RealTimeChunking(ChunkExecutor):
         self._old: np.ndarray | None = None
         self._new: np.ndarray | None = None
         self._start = 0  # tick at which the current period started
+
+    def will_predict(self, t: int) -> bool:
+        super().will_predict(t)
+        start = self._tick if self._new is None else self._start  # a period starts at each prediction
+        return (t - start) % self.s == 0 and (t > start or self._new is None)
 
     def _act(self, t: int, obs: Any, predict_fn: PredictFn) -> np.ndarray:
         if self._new is None:  # first chunk: nothing to inpaint

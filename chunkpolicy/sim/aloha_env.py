@@ -135,9 +135,12 @@ class AlohaEnv(SimEnv):
         """The dm_control ``Physics`` (for debugging; stepping it directly bypasses the episode bookkeeping)."""
         return self.physics
 
+    def _render(self) -> dict[str, np.ndarray]:
+        return self._renderer.render_all(self.physics.data.ptr)
+
     def _obs(self) -> Obs:
         state = self._task.get_qpos(self.physics).astype(np.float32)
-        return {"images": self._renderer.render_all(self.physics.data.ptr), "state": state}
+        return {"images": self._frames(), "state": state}
 
     def _reset(self, seed: int) -> Obs:
         from gym_aloha.tasks import sim as aloha_sim

@@ -5,7 +5,10 @@ rest of the library:
 
 * ``reset(seed) -> obs`` and ``step(action) -> (obs, reward, done, info)`` with ``info["success"]`` (bool);
   ``action`` is float ``[A]`` in robot units (the spec's ``action_names`` order).
-* ``obs = {"images": {camera: uint8 [h, w, 3]}, "state": float32 [S]}``.
+* ``obs = {"images": {camera: uint8 [h, w, 3]}, "state": float32 [S]}``. ``step(action, render=False)`` may leave
+  the frames out (``"images": None``): rendering costs far more than the physics step, and an executor that runs
+  several actions per chunk looks at one observation in several (:meth:`EnvPool.rollout` ``frames``).
+  ``render()`` gives the frames of the current state.
 * ``spec`` (:class:`EmbodimentSpec`), ``task`` (short name), ``task_prompt`` (natural language), ``max_steps``.
 * ``done`` is True once the episode is over: on success (unless the adapter was built with
   ``terminate_on_success=False``) or after ``max_steps`` steps. Stepping a finished episode raises.
@@ -81,6 +84,7 @@ class SimEnv(ABC):
         self._t = 0
         self._done = True
         self._success = False
+        self._want_frames = True
         self.episode_seed: int | None = None
 
     # -- to implement ---------------------------------------------------------------------------------------------
@@ -89,7 +93,15 @@ class SimEnv(ABC):
 
     @abstractmethod
     def _step(self, action: np.ndarray) -> tuple[Obs, float, bool, dict[str, Any]]:
-        """Step the simulator; returns ``(obs, reward, success, info)``."""
+        """Step the simulator; returns ``(obs, reward, success, info)``, the frames from :meth:`_frames`."""
+
+    @abstractmethod
+    def _render(self) -> dict[str, np.ndarray]:
+        """The camera frames ``{camera: uint8 [h, w, 3]}`` of the current simulator state."""
+
+    def _frames(self) -> dict[str, np.ndarray] | None:
+        """The frames for the observation being built: None when this step was asked for none."""
+        return self._render() if self._want_frames else None
 
     def expert_action(self) -> np.ndarray:
         """Scripted expert's action ``[A]`` for the current state (robot units, within the action bounds)."""
@@ -113,7 +125,12 @@ class SimEnv(ABC):
         check_obs(obs, self.spec, self.image_size)
         return obs
 
-    def step(self, action: Any) -> tuple[Obs, float, bool, dict[str, Any]]:
+    def render(self) -> dict[str, np.ndarray]:
+        """The camera frames ``{camera: uint8 [h, w, 3]}`` of the current state (what an observation holds)."""
+        return self._render()
+
+    def step(self, action: Any, render: bool = True) -> tuple[Obs, float, bool, dict[str, Any]]:
+        """One control tick. ``render=False``: the observation may come without frames (``"images": None``)."""
         if self._done:
             raise RuntimeError(f"{type(self).__name__}: episode is over (or reset() was never called); call reset()")
         a = np.asarray(action, dtype=np.float64)
@@ -122,7 +139,11 @@ class SimEnv(ABC):
                              f"got shape {a.shape}")
         if not np.isfinite(a).all():
             raise ValueError(f"action: contains NaN or inf: {a}")
-        obs, reward, success, info = self._step(a)
+        self._want_frames = bool(render)
+        try:
+            obs, reward, success, info = self._step(a)
+        finally:
+            self._want_frames = True
         self._t += 1
         self._success = self._success or bool(success)
         truncated = self._t >= self.max_steps
@@ -192,6 +213,10 @@ def obs_to_batch(
     prompts = [prompts] * B if isinstance(prompts, str) else list(prompts)
     if len(prompts) != B:
         raise ValueError(f"prompt: expected {B} prompts (one per observation), got {len(prompts)}")
+    for b, o in enumerate(observations):
+        if o.get("images") is None:  # a policy must never see a frameless observation as "no cameras"
+            raise ValueError(f"observations[{b}]['images']: not rendered (the env stepped with render=False); the "
+                             "caller's frames schedule missed a tick at which the policy reads the observation")
     shapes = {img.shape[:2] for o in observations for img in o["images"].values()}
     if len(shapes) > 1:
         raise ValueError(f"images: every camera must have the same size to be batched, got sizes {sorted(shapes)}")
@@ -275,17 +300,24 @@ class EnvPool:
         self.successes[:] = False
         return list(self._obs)
 
-    def step(self, actions: Any) -> tuple[list[Obs], np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    def step(self, actions: Any, render: bool | Sequence[bool] = True
+             ) -> tuple[list[Obs], np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """Step every env still running with its row of ``actions [B, A]``. ``render``: one flag, or one per env,
+        whether the new observations need frames; an env whose episode ends here always gets them (its last
+        observation is repeated to the policy while the others run)."""
         actions = np.asarray(actions)
         if actions.shape != (len(self.envs), self.spec.action_dim):
             raise ValueError(f"actions: expected [{len(self.envs)}, {self.spec.action_dim}], got {actions.shape}")
+        want = np.broadcast_to(np.asarray(render, dtype=bool), (len(self.envs),))
         rewards = np.zeros(len(self.envs), dtype=np.float32)
         infos: list[dict[str, Any]] = []
         for i, env in enumerate(self.envs):
             if self.dones[i]:
                 infos.append({"success": bool(self.successes[i]), "skipped": True})
                 continue
-            obs, r, done, info = env.step(actions[i])
+            obs, r, done, info = env.step(actions[i], render=bool(want[i]))
+            if done and obs["images"] is None:
+                obs = {**obs, "images": env.render()}
             self._obs[i], rewards[i], self.dones[i] = obs, r, done
             self.successes[i] |= bool(info["success"])
             infos.append(info)
@@ -298,12 +330,17 @@ class EnvPool:
         seeds: Sequence[int],
         max_steps: int | None = None,
         on_step: Callable[[int, list[Obs]], None] | None = None,
+        frames: Callable[[int], bool | np.ndarray] | None = None,
     ) -> list[dict[str, Any]]:
         """Run one episode in every env with ``executor`` (a :class:`ChunkExecutor` or spec string).
 
         ``predict_fn(list_of_B_obs) -> [B, H, A]`` chunks in robot units (e.g.
         ``lambda o: policy.predict(obs_to_batch(o, space, spec, pool.prompts))``). Returns one dict per env:
         ``{"task", "seed", "success", "steps", "return"}``.
+
+        ``frames(t)``: whether the observations of tick ``t`` need camera frames (a bool or ``[B]`` flags), asked
+        just before the step that produces them; default: always. Frames left out are ``None`` (a policy handed one
+        raises, see :func:`obs_to_batch`); tick 0 always has them.
         """
         from chunkpolicy.runtime.executors import make_executor  # runtime sits left of sim: allowed
 
@@ -320,7 +357,7 @@ class EnvPool:
             if actions.ndim == 1:
                 actions = actions[None]
             active = ~self.dones
-            obs, rewards, dones, _ = self.step(actions)
+            obs, rewards, dones, _ = self.step(actions, render=True if frames is None else frames(t + 1))
             steps += active
             returns += rewards * active
             if dones.all():

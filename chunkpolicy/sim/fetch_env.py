@@ -113,7 +113,10 @@ class FetchEnv(SimEnv):
         env = self._env
         grip_pos, _, _, gripper_state, _, _, _, grip_velp, _ = env.generate_mujoco_observations()
         state = np.concatenate([grip_pos, gripper_state, grip_velp / env.dt]).astype(np.float32)
-        return {"images": self._renderer.render_all(env.data), "state": state}
+        return {"images": self._frames(), "state": state}
+
+    def _render(self) -> dict[str, np.ndarray]:
+        return self._renderer.render_all(self._env.data)
 
     def _reset(self, seed: int) -> Obs:
         self._env.reset(seed=seed)

@@ -157,9 +157,12 @@ class MetaWorldEnv(SimEnv):
         """The underlying Meta-World env (for debugging; stepping it directly bypasses the episode bookkeeping)."""
         return self._env
 
+    def _render(self) -> dict[str, np.ndarray]:
+        return self._renderer.render_all(self._env.data)
+
     def _obs(self, raw: np.ndarray) -> Obs:
         self._raw = raw
-        return {"images": self._renderer.render_all(self._env.data), "state": raw[:4].astype(np.float32)}
+        return {"images": self._frames(), "state": raw[:4].astype(np.float32)}
 
     def _reset(self, seed: int) -> Obs:
         env = self._env

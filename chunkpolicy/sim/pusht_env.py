@@ -73,9 +73,13 @@ class PushTEnv(SimEnv):
     def raw_env(self) -> Any:
         return self._env
 
+    def _render(self) -> dict[str, np.ndarray]:
+        return {"top": self._pixels}
+
     def _obs(self, raw: dict[str, np.ndarray]) -> Obs:
-        return {"images": {"top": np.ascontiguousarray(raw["pixels"], dtype=np.uint8)},
-                "state": np.asarray(raw["agent_pos"], dtype=np.float32)}
+        # gym-pusht draws its pixels inside every step anyway: keeping them costs nothing, so they are always sent
+        self._pixels = np.ascontiguousarray(raw["pixels"], dtype=np.uint8)
+        return {"images": self._render(), "state": np.asarray(raw["agent_pos"], dtype=np.float32)}
 
     def _reset(self, seed: int) -> Obs:
         raw, _ = self._env.reset(seed=seed)
