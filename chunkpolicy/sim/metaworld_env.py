@@ -170,6 +170,11 @@ class MetaWorldEnv(SimEnv):
         env.seeded_rand_vec = True  # ... from env.np_random, which seed() sets
         env.seed(seed)
         raw, _ = env.reset()
+        # Meta-World puts its goal markers where they belong only after a step (reset leaves the site where the
+        # model's kinematics put it, which depends on the env's previous episode): place them now, so that the first
+        # frame of an episode is the same whatever this env ran before
+        for site in env._target_site_config:
+            env._set_pos_site(*site)
         return self._obs(raw)
 
     def _step(self, action: np.ndarray) -> tuple[Obs, float, bool, dict[str, Any]]:
