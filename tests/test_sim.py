@@ -404,6 +404,8 @@ def test_envpool_frames_schedule_and_a_frameless_observation_is_refused():
         space = UnifiedSpace(32, "pad", embodiments=[pool.spec])
         with pytest.raises(ValueError, match=r"observations\[1\]\['images'\]: not rendered"):
             obs_to_batch(obs, space, pool.spec, pool.prompts)
+        with pytest.raises(ValueError, match=r"render: expected one flag or 2 \(one per env\), got shape \(3,\)"):
+            pool.step(np.zeros((2, 4)), render=[True, True, False])
         obs, _, dones, _ = pool.step(np.zeros((2, 4)), render=False)  # the last tick: episodes end
         assert dones.all() and all(o["images"] is not None for o in obs)
         obs_to_batch(obs, space, pool.spec, pool.prompts)

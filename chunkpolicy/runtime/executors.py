@@ -17,10 +17,11 @@ raises), so an executor never silently drifts out of step with the environment.
 
 Adding an executor: subclass :class:`ChunkExecutor`, implement ``_reset`` and ``_act``, and call
 :func:`register_executor`; override :meth:`ChunkExecutor.will_predict` when the ticks at which it calls the policy
-are known ahead (a simulator then renders camera frames only for those ticks). Executors that need more from the policy than an observation pass extra keyword arguments to
-``predict_fn``: :class:`RealTimeChunking` (``rtc``) conditions the next chunk on the actions that will already have run
-during the inference delay, ``predict_fn(obs, prefix=..., prefix_len=d)``; the policy side decides how to honour them
-(in process :func:`chunkpolicy.runtime.rtc.rtc_predict_fn`, which needs torch; over the wire
+are known ahead (a simulator then renders camera frames only for those ticks). Executors that need more from the
+policy than an observation pass extra keyword arguments to ``predict_fn``: :class:`RealTimeChunking` (``rtc``)
+conditions the next chunk on the actions that will already have run during the inference delay,
+``predict_fn(obs, prefix=..., prefix_len=d)``; the policy side decides how to honour them (in process
+:func:`chunkpolicy.runtime.rtc.rtc_predict_fn`, which needs torch; over the wire
 :class:`chunkpolicy.serving.client.PolicyClient`). :meth:`ChunkExecutor._predict` is the one place that calls the
 policy, validates the chunk and counts calls.
 

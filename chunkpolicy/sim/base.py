@@ -308,7 +308,10 @@ class EnvPool:
         actions = np.asarray(actions)
         if actions.shape != (len(self.envs), self.spec.action_dim):
             raise ValueError(f"actions: expected [{len(self.envs)}, {self.spec.action_dim}], got {actions.shape}")
-        want = np.broadcast_to(np.asarray(render, dtype=bool), (len(self.envs),))
+        want = np.asarray(render, dtype=bool)
+        if want.shape not in ((), (len(self.envs),)):
+            raise ValueError(f"render: expected one flag or {len(self.envs)} (one per env), got shape {want.shape}")
+        want = np.broadcast_to(want, (len(self.envs),))
         rewards = np.zeros(len(self.envs), dtype=np.float32)
         infos: list[dict[str, Any]] = []
         for i, env in enumerate(self.envs):
