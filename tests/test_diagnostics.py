@@ -88,7 +88,7 @@ class Regressor(nn.Module):
         self.lin = nn.Linear(3, 1)
 
     def compute_loss(self, batch):
-        noise = 0.01 * torch.randn(batch["x"].shape[0], 1)
+        noise = 0.01 * torch.randn(batch["x"].shape[0], 1, device=batch["x"].device)
         return {"loss": ((self.lin(batch["x"]) + noise - batch["y"]) ** 2).mean()}
 
 

@@ -35,7 +35,7 @@ class Regressor(nn.Module):
             self.calls += 1
         if self.sleep:
             time.sleep(self.sleep)
-        noise = 0.01 * torch.randn(batch["x"].shape[0], 1)
+        noise = 0.01 * torch.randn(batch["x"].shape[0], 1, device=batch["x"].device)
         loss = ((self.lin(batch["x"].to(self.lin.weight.dtype)).float() + noise - batch["y"]) ** 2).mean()
         return {"loss": loss * float("nan") if self.training and self.calls in self.nan_calls else loss}
 

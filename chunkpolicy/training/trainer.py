@@ -155,6 +155,10 @@ class Trainer(NonFiniteGuard):
         stop_after: int | None = None,
     ) -> None:
         self.cfg, self.model, self.train_set, self.val_set = cfg, model, train_set, val_set
+        if getattr(cfg, "cuda_graph", False) and getattr(cfg, "cpu", False):
+            # before the Accelerator: on a GPU host accelerate refuses a CPU one once its state exists, and that error
+            # would hide the real one
+            raise ValueError("train.cuda_graph: needs a CUDA device; this run has train.cpu=true")
         self.acc = accelerator or make_accelerator(cfg)
         from accelerate.utils import DistributedType
 
