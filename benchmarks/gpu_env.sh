@@ -1,5 +1,5 @@
 # Source on a bare GPU host of the device tool (no network there): installs what travelled in the ignored, carried
-# folders and sets the environment. Carry: wheels (transformers 5.5.4 and the project's other pins: the host's own
+# folders (built in a fresh checkout by scripts/build_gpu_carry.sh) and sets the environment. Carry: wheels (transformers 5.5.4 and the project's other pins: the host's own
 # transformers breaks SigLIP), .simpkgs (mujoco, gymnasium, glfw, pyopengl wheels + metaworld_pruned.tar.xz: the
 # package with only the assets the 50 v3 tasks load, to fit the 64 MiB transfer; + aloha_pruned.tar.xz, 0.4 MB:
 # gym-aloha with the part of dm-control its tasks run on, dm-env and absl, built by scripts/build_aloha_pruned.sh;
