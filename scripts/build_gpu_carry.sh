@@ -15,8 +15,11 @@
 # stay on a warm machine for the next call), see benchmarks/study_gpu.sh and benchmarks/import_equivalence.py.
 #
 #   bash scripts/build_gpu_carry.sh            # after scripts/setup.sh (uses .venv's versions of the sim packages)
+#   bash scripts/build_gpu_carry.sh --xemb     # also runs/study/data/xemb_sims.tar.xz: the study's Fetch and ALOHA
+#                                              # pretraining stores (Fetch's simulator is not on the host; ~3 min here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+xemb=0; [ "${1:-}" = "--xemb" ] && xemb=1
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "run scripts/setup.sh first (.venv with the [sim] extra)" >&2; exit 1; }
 SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -80,4 +83,11 @@ o=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists="$wo
 apt-get "${o[@]}" update -qq >/dev/null
 (cd .gl && apt-get "${o[@]}" download libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 2>&1 | grep -v "^W:" || true)
 
+if [ $xemb = 1 ]; then  # collected here, unpacked by benchmarks/study_gpu.sh on the host (a finished store is reused)
+  echo "[carry] runs/study/data/xemb_sims.tar.xz"
+  $PY -m chunkpolicy.study.cli collect fetch aloha_4c --study configs/study/issue16.yaml
+  tar cJf runs/study/data/xemb_sims.tar.xz -C runs/study/data fetch.zarr fetch.zarr.collect.json \
+    aloha_4c.zarr aloha_4c.zarr.collect.json
+  du -sh runs/study/data/xemb_sims.tar.xz
+fi
 du -sh wheels wheels_lr .simpkgs .gl
