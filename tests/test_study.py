@@ -222,6 +222,13 @@ def test_pretrain_on_a_mixture_then_posttrain_from_its_checkpoint(row_a, tmp_pat
      r"rows.b-flow-te.method.init_from_row: post-training needs method.config"),
     (lambda d: d["rows"]["a-flow"]["method"].update(init_from_row="z", overrides=["posttrain.init_from=x"]),
      r"rows.a-flow.method.overrides: posttrain.init_from is set by init_from_row"),
+    (lambda d: d.update(comparisons=[{"a": "a-flow", "b": "zzz"}]), r"comparisons.0.b: 'zzz' is not a row"),
+    (lambda d: d.update(comparisons=[{"a": "a-flow", "b": "b-flow-te"}]),
+     r"comparisons.0: rows a-flow and b-flow-te are not evaluated on the same episodes \(eval.episodes 2 vs 1\)"),
+    (lambda d: d.update(comparisons=[{"a": "a-flow", "b": "a-flow", "target_points": "ten"}]),
+     r"comparisons.0.target_points: expected a number"),
+    (lambda d: d.update(comparisons=[{"a": "a-flow", "b": "a-flow", "by": 1}]), r"comparisons.0.by: unknown key"),
+    (lambda d: d.update(comparisons={"a": "a-flow"}), r"comparisons: expected a list"),
 ])
 def test_config_errors_name_the_key(tmp_path, edit, msg):
     path = _study(tmp_path)
@@ -387,6 +394,56 @@ def test_parallel_posttrain_rows_train_their_shared_pretrain_once(row_a, tmp_pat
     assert all(r["gpu_shared_by"] == 2 for r in res.values())
     md = Path(aggregate(tmp_path / "results", tmp_path / "agg")["markdown"]).read_text()
     assert md.count("(GPU shared by 2 rows)") == 2
+
+
+def _result(row: str, outcomes: dict[tuple[str, int], bool]) -> dict:
+    n, k = len(outcomes), sum(outcomes.values())
+    mean = {"successes": k, "n": n, "rate": k / n, "ci95": [0.0, 1.0]}
+    return {"row": row, "group": "c", "env": "metaworld", "eval": {"executor": "open_loop:8"}, "data": {"name": "d"},
+            "success": {"mean": mean, "tasks": {}},
+            "episodes": [{"task": t, "seed": s, "success": v} for (t, s), v in outcomes.items()]}
+
+
+def test_aggregate_paired_comparisons_with_targets(tmp_path, capsys):
+    from chunkpolicy.study.aggregate import aggregate
+    from chunkpolicy.study.cli import main
+    from chunkpolicy.study.config import Comparison
+
+    keys = [(t, s) for t in ("reach-v3", "push-v3") for s in range(100_000, 100_050)]  # 100 paired episodes
+    better = {k: i % 10 < 8 for i, k in enumerate(keys)}  # 80%
+    worse = {k: i % 10 < 3 for i, k in enumerate(keys)}  # 30%, solved only where `better` also is
+    close = {k: (i % 10 < 7) or i % 10 == 9 for i, k in enumerate(keys)}  # 80%, different episodes
+    d = tmp_path / "results"
+    d.mkdir()
+    for name, out in (("c-better", better), ("c-worse", worse), ("c-close", close)):
+        (d / f"{name}.json").write_text(json.dumps(_result(name, out)))
+    comps = [Comparison("c-better", "c-worse", 15.0), Comparison("c-better", "c-close", 15.0),
+             Comparison("c-close", "c-better", -60.0), Comparison("c-better", "c-lora", 15.0)]
+    md = Path(aggregate(d, tmp_path / "agg", comps)["markdown"]).read_text()
+    lines = {ln.split(" | ")[0].strip("| "): ln for ln in md.splitlines() if " − " in ln and ln.startswith("| c-")}
+    # +50 points, all 50 discordant episodes favour `better`: interval far above 15, McNemar p = 2 / 2^50
+    assert "**+50.0 [" in lines["c-better − c-worse"] and "| 50 / 0 (of 100) |" in lines["c-better − c-worse"]
+    assert lines["c-better − c-worse"].endswith("| ≥ +15 | met |")
+    assert "**+0.0 [" in lines["c-better − c-close"] and lines["c-better − c-close"].endswith("| not met |")
+    assert lines["c-close − c-better"].endswith("| met |")  # ≥ -60 points: a floor, as a target can also be
+    assert "not run yet: c-lora" in lines["c-better − c-lora"]
+    # episodes that do not pair up are an error naming both rows
+    (d / "c-worse.json").write_text(json.dumps(_result("c-worse", dict(list(worse.items())[:-1]))))
+    with pytest.raises(ValueError, match="comparison c-better − c-worse: the rows ran different episodes"):
+        aggregate(d, tmp_path / "agg", comps)
+    # the CLI: --compare A:B, errors in one line
+    assert main(["aggregate", str(d), "--out", str(tmp_path / "agg2"), "--compare", "c-better:c-close"]) == 0
+    assert "c-better − c-close" in (tmp_path / "agg2" / "STUDY.md").read_text()
+    capsys.readouterr()
+    assert main(["aggregate", str(d), "--compare", "c-better:c-worse"]) == 2
+    assert "ran different episodes" in capsys.readouterr().err
+
+
+def test_shipped_study_comparisons_pair_rows_evaluated_alike():
+    study = load_study(REPO / "configs" / "study" / "issue16.yaml")
+    targets = {(c.a, c.b): c.target_points for c in study.comparisons}
+    assert targets[("4c-ml45test20-full", "4c-ml45test20-scratch")] == 15
+    assert targets[("4a-mt10-flow_expert", "4a-mt10-lerobot_act")] == 10
 
 
 def test_summary_table_shows_eager_and_graph_latency():

@@ -8,6 +8,10 @@ Writes into ``--out`` (default ``DIR``):
 * ``success_<group>_<env>.png``: success bars with Wilson intervals per task and the mean, one colour per row.
 * ``steps_<group>_<env>.png`` (when a row evaluated several checkpoints): mean success vs training steps, one line per
   row, the 95% interval as a band.
+* with ``--study FILE`` (its ``comparisons``) or ``--compare A:B``: a table of paired differences, row A − row B on
+  the same episodes (matched by task and seed), with Newcombe's 95% interval, McNemar's exact p and, where the study
+  states a target in points, whether it is met (the whole interval at or above it), not met (the whole interval
+  below it) or not established.
 
 Every file is written atomically. A JSON file in ``DIR`` that is not a row result (no ``row`` / ``success`` keys) is
 skipped and listed; an unreadable one is an error naming it.
@@ -21,8 +25,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chunkpolicy.atomic import atomic_file, read_json
+from chunkpolicy.study.config import Comparison, load_study
+from chunkpolicy.success_rate import paired_difference
 
-__all__ = ["load_rows", "aggregate", "summary_table", "task_table"]
+__all__ = ["load_rows", "aggregate", "summary_table", "task_table", "comparison_table"]
 
 
 def load_rows(directory: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
@@ -96,6 +102,46 @@ def task_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _outcomes(r: dict[str, Any]) -> dict[tuple[str, int], bool]:
+    eps = r.get("episodes")
+    if not eps:
+        raise ValueError(f"{r.get('_file', r['row'])}: no per-episode outcomes ('episodes'), which a paired comparison "
+                         "needs")
+    return {(str(e["task"]), int(e["seed"])): bool(e["success"]) for e in eps}
+
+
+def comparison_table(rows: Sequence[dict[str, Any]], comparisons: Sequence[Comparison]) -> str:
+    """One line per comparison: success of row a − row b on the episodes both ran (same task and seed), in points
+    with its 95% interval, the episodes only one of them solved, McNemar's p, the target and the verdict. A row
+    without results yet is listed as such; rows whose episodes differ are an error naming both."""
+    by_name = {r["row"]: r for r in rows}
+    lines = ["| a − b | a | b | difference, points [95% CI] | solved by a only / b only (of n) | McNemar p | target "
+             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        target = "—" if c.target_points is None else f"≥ {c.target_points:+g}"
+        missing = [x for x in (c.a, c.b) if x not in by_name]
+        if missing:
+            lines.append(f"| {c.a} − {c.b} | | | not run yet: {', '.join(missing)} | | | {target} | — |")
+            continue
+        ra, rb = by_name[c.a], by_name[c.b]
+        oa, ob = _outcomes(ra), _outcomes(rb)
+        if oa.keys() != ob.keys():
+            raise ValueError(f"comparison {c.a} − {c.b}: the rows ran different episodes ({len(oa.keys() - ob.keys())} "
+                             f"only in {c.a}, {len(ob.keys() - oa.keys())} only in {c.b}); a paired difference needs "
+                             "the same tasks and seeds")
+        keys = sorted(oa)
+        d = paired_difference([oa[k] for k in keys], [ob[k] for k in keys])
+        lo, hi = (100 * x for x in d["ci95"])
+        verdict = "—"
+        if c.target_points is not None:
+            verdict = ("met" if lo >= c.target_points else "not met" if hi < c.target_points
+                       else "not established (the interval holds the target)")
+        lines.append(f"| {c.a} − {c.b} | {100 * ra['success']['mean']['rate']:.1f}% | "
+                     f"{100 * rb['success']['mean']['rate']:.1f}% | **{100 * d['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]** | "
+                     f"{d['only_a']} / {d['only_b']} (of {d['n']}) | {d['p_value']:.2g} | {target} | {verdict} |")
+    return "\n".join(lines)
+
+
 def _steps_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -121,7 +167,8 @@ def _steps_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None) -> dict[str, Any]:
+def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None,
+              comparisons: Sequence[Comparison] = ()) -> dict[str, Any]:
     """Build ``STUDY.md`` and the PNGs (see the module docstring); returns ``{"markdown", "plots", "rows",
     "skipped", "gpu_minutes"}``."""
     from chunkpolicy.evaluation.report import bar_chart
@@ -162,6 +209,11 @@ def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None
                 sp = _steps_plot(multi, out / f"steps_{g}_{env}.png", f"{g} · {env}: success vs training steps")
                 plots.append(str(sp))
                 md += [f"![{g} {env} steps]({sp.name})", ""]
+    if comparisons:
+        md += ["## Paired comparisons", "",
+               "Row a − row b on the same evaluation episodes (matched by task and seed), in success points: Newcombe's "
+               "95% interval for paired proportions and McNemar's exact test; a target is met when the whole interval "
+               "is at or above it.", "", comparison_table(rows, comparisons), ""]
     if skipped:
         md += ["Files in the results folder that are not row results: " + ", ".join(Path(s).name for s in skipped), ""]
     text = "\n".join(md)
@@ -176,8 +228,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="folder of row results (the study's results_dir)")
     p.add_argument("--out", default=None, help="where STUDY.md and the PNGs go (default: DIR)")
+    p.add_argument("--study", default=None, help="study YAML whose `comparisons` are tabulated")
+    p.add_argument("--compare", action="append", default=[], metavar="A:B",
+                   help="also compare row A with row B (paired, same episodes); repeatable")
     a = p.parse_args(argv)
-    res = aggregate(a.dir, a.out)
+    comps = list(load_study(a.study).comparisons) if a.study else []
+    for spec in a.compare:
+        x, sep, y = spec.partition(":")
+        if not (sep and x and y):
+            raise ValueError(f"--compare: expected ROW_A:ROW_B, got {spec!r}")
+        comps.append(Comparison(x, y))
+    res = aggregate(a.dir, a.out, comps)
     print(f"{len(res['rows'])} rows, {res['gpu_minutes']:.1f} GPU-minutes: wrote {res['markdown']} and "
           f"{len(res['plots'])} plots")
     return 0

@@ -2,7 +2,7 @@
 
     chunkpolicy study list --study configs/study/issue16.yaml
     chunkpolicy study run 4a-mt10-flow_expert --study configs/study/issue16.yaml [--force]
-    chunkpolicy study aggregate benchmarks/results/study [--out DIR]
+    chunkpolicy study aggregate benchmarks/results/study [--out DIR] [--study FILE] [--compare A:B]
     chunkpolicy study collect fetch aloha_4c --study configs/study/issue16.yaml   # data sources only
 
 ``run`` is resumable: rerunning a row continues its collection, training (from the latest checkpoint) and
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("aggregate", help="markdown tables and PNG plots from a folder of row results")
     ag.add_argument("dir")
     ag.add_argument("--out", default=None)
+    ag.add_argument("--study", default=None, help="study YAML whose `comparisons` (row a − row b, paired) are tabulated")
+    ag.add_argument("--compare", action="append", default=[], metavar="A:B", help="also compare row A with row B")
     return p
 
 
@@ -62,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "aggregate":
             from chunkpolicy.study.aggregate import main as agg
 
-            return agg([a.dir] + (["--out", a.out] if a.out else []))
+            return agg([a.dir] + (["--out", a.out] if a.out else []) + (["--study", a.study] if a.study else [])
+                       + [x for c in a.compare for x in ("--compare", c)])
         study = load_study(a.study)
         if a.cmd == "list":
             from chunkpolicy.study.runner import row_command, row_result_path

@@ -65,10 +65,11 @@ from typing import Any
 
 import yaml
 
-__all__ = ["StudyError", "Study", "Row", "DataSource", "load_study", "expand_tasks", "EVAL_KEYS", "TRAIN_KEYS",
+__all__ = ["StudyError", "Study", "Row", "Comparison", "DataSource", "load_study", "expand_tasks", "EVAL_KEYS", "TRAIN_KEYS",
            "TASK_SETS"]
 
-TOP_KEYS = {"name", "out_dir", "results_dir", "defaults", "data", "rows", "notes"}
+TOP_KEYS = {"name", "out_dir", "results_dir", "defaults", "data", "rows", "comparisons", "notes"}
+COMPARISON_KEYS = {"a", "b", "target_points", "notes"}
 DATA_KEYS = {"env", "tasks", "collect", "store", "notes"}
 COLLECT_KEYS = {"episodes", "image_size", "cameras", "seed", "max_steps", "workers", "env_kwargs"}
 ROW_KEYS = {"group", "data", "mixture", "method", "train", "eval", "notes"}
@@ -136,6 +137,16 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """Row ``a`` against row ``b`` on the same evaluation episodes (the aggregate's paired difference, a − b), and
+    the difference in success points the study aims for, if any."""
+
+    a: str
+    b: str
+    target_points: float | None = None
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     path: Path
@@ -143,6 +154,7 @@ class Study:
     results_dir: Path
     rows: dict[str, Row]
     data: dict[str, DataSource]
+    comparisons: tuple[Comparison, ...] = ()
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -315,4 +327,30 @@ def load_study(path: str | os.PathLike) -> Study:
                                  f"{src_row.data.name!r} [{src}]")
         if row.method.get("init_from_row") is not None:
             _check_init_chain(rows, name, src)
-    return Study(str(raw["name"]), p, out_dir, results_dir, rows, data)
+    return Study(str(raw["name"]), p, out_dir, results_dir, rows, data, _comparisons(raw.get("comparisons"), rows, src))
+
+
+def _comparisons(items: Any, rows: dict[str, Row], src: str) -> tuple[Comparison, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise StudyError(f"comparisons: expected a list of {{a: ROW, b: ROW, target_points: P}} [{src}]")
+    out = []
+    for i, item in enumerate(items):
+        where = f"comparisons.{i}"
+        c = _keys(item, COMPARISON_KEYS, where, src)
+        for k in ("a", "b"):
+            if c.get(k) not in rows:
+                raise StudyError(f"{where}.{k}: {c.get(k)!r} is not a row of this study [{src}]")
+        ra, rb = rows[c["a"]], rows[c["b"]]
+        # a paired difference needs the same episodes: same tasks (data) and the same seeds and count
+        for what, x, y in (("data", ra.data.name, rb.data.name), ("eval.seed", ra.eval.get("seed"), rb.eval.get("seed")),
+                           ("eval.episodes", ra.eval.get("episodes"), rb.eval.get("episodes"))):
+            if x != y:
+                raise StudyError(f"{where}: rows {c['a']} and {c['b']} are not evaluated on the same episodes "
+                                 f"({what} {x!r} vs {y!r}) [{src}]")
+        t = c.get("target_points")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
+            raise StudyError(f"{where}.target_points: expected a number of success points, got {t!r} [{src}]")
+        out.append(Comparison(str(c["a"]), str(c["b"]), None if t is None else float(t)))
+    return tuple(out)

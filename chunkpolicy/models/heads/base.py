@@ -124,6 +124,11 @@ class ActionHead(nn.Module, ABC):
         """Inference snapshots of the head's Gemma layers (``caps.fused_layers``)."""
         raise NotImplementedError(f"{type(self).__name__} has no fused layers")
 
+    def fp32_modules(self) -> list[nn.Module]:
+        """Submodules whose parameters keep their fp32 values when the policy is cast to bf16 / fp16
+        (``ChunkPolicy.to(dtype)``); the head casts their inputs and outputs itself. None by default."""
+        return []
+
     def fit_to_data(self, chunks: Sequence[np.ndarray]) -> None:
         """Fit data-dependent state on normalized training chunks, each ``[H, d]`` of one sample's valid dims
         (``caps.needs_data_fit``)."""
