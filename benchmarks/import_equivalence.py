@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                "state": ours.space.pad(state, 0, "state")[:, None].to(args.device), "prompt": tasks,
                "embodiment": torch.zeros(B, dtype=torch.long)}
         with torch.no_grad():
-            return ours.predict_chunk(obs, noise=noise.to(args.device, dt)).float().cpu()
+            # the same fp32 noise as LeRobot gets (the sampling state is fp32 in a bf16 policy too)
+            return ours.predict_chunk(obs, noise=noise.to(args.device)).float().cpu()
 
     diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731
     with tempfile.TemporaryDirectory() as d:

@@ -190,6 +190,43 @@ def test_pi0_exports_back_to_lerobot(pi0, tokenizer_dir, tmp_path):
     assert diff <= TOL
 
 
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_bf16_as_close_to_fp32_as_lerobot(kind, pi0, pi05, tmp_path):
+    """Both sides in bf16 (LeRobot with its own mixed-precision rules, as benchmarks/import_equivalence.py does), each
+    against the fp32 chunk: ours strays no further than LeRobot's (it used to, ~2x: its normalization stats and the
+    expert's action / time projections were cast to bf16, which LeRobot keeps fp32)."""
+    import copy
+
+    src, lerobot, pre, post = {"pi0": pi0, "pi05": pi05}[kind]
+    ours = import_checkpoint(src, tmp_path / "ours", f"lerobot-{kind}", tokenizer=build_char_tokenizer(),
+                             return_policy=True)[1].eval()
+    g = torch.Generator().manual_seed(0)
+    imgs, state = torch.rand(2, 2, 3, fx.IMAGE, fx.IMAGE, generator=g), torch.randn(2, 8, generator=g) * 2
+    batch = {"observation.images.top": imgs[:, 0], "observation.images.wrist": imgs[:, 1], "observation.state": state,
+             "task": list(TASKS)}
+    obs = {"images": imgs[:, :, None], "image_mask": torch.ones(2, 2, dtype=torch.bool),
+           "state": ours.space.pad(state, 0, "state")[:, None], "prompt": list(TASKS),
+           "embodiment": torch.zeros(2, dtype=torch.long)}
+    lr16 = copy.deepcopy(lerobot)
+    weights = {n: q.detach().clone() for n, q in lr16.named_parameters()}
+    lr16.model.paligemma_with_expert.to_bfloat16_for_selected_params("bfloat16")
+    lr16.config.dtype = "bfloat16"
+    ours16 = copy.deepcopy(ours).to(torch.bfloat16)
+    err = {"ours": 0.0, "lerobot": 0.0}
+    with torch.no_grad():
+        for n, q in lr16.named_parameters():  # fp32 where LeRobot keeps fp32, rounded where it keeps bf16
+            q.copy_(weights[n])
+        for seed in range(4):
+            noise = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(seed))
+            want = post(lerobot.predict_action_chunk(pre(batch), noise=noise.clone()))
+            lr_chunk = post(lr16.predict_action_chunk(pre(batch), noise=noise.clone())).float()
+            err["lerobot"] += (lr_chunk - want).pow(2).mean().item() / 4
+            err["ours"] += (ours16.predict_chunk(obs, noise=noise.clone()) - want).pow(2).mean().item() / 4
+    rms = {k: v ** 0.5 for k, v in err.items()}
+    print(f"{kind} bf16 rms vs fp32: {rms}")
+    assert 0 < rms["ours"] <= 1.3 * rms["lerobot"], rms
+
+
 def _openpi_layout(lerobot_dir, out, horizon=6):
     """The layout openpi's converter writes, from the LeRobot checkpoint (LeRobot's pi0 is a port of openpi's
     PI0Pytorch): keys without "model.", its config.json and assets/<id>/norm_stats.json (no min/max, as openpi)."""

@@ -147,6 +147,29 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
     def device(self) -> torch.device:
         return self.backbone.state_proj.weight.device
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "ChunkPolicy":
+        """``nn.Module._apply`` (behind ``.to()``, ``.bfloat16()``, ``.half()``, ``.cuda()``) with one precision rule:
+        a cast to bf16 / fp16 leaves the normalization stats and the head's ``fp32_modules()`` with their fp32 values,
+        as LeRobot's and openpi's bf16 π0 / π0.5 do (their pre/post-processing is never cast, nor are the action
+        projections). Device moves apply to everything."""
+        keep = []
+        for mod in (self.normalizer, *self.head.fp32_modules()):
+            for m in mod.modules():
+                for store in (m._parameters, m._buffers):
+                    keep += [(store, k, t.data) for k, t in store.items() if t is not None and t.dtype == torch.float32]
+        super()._apply(fn, recurse)
+        for store, k, old in keep:
+            t = store[k]
+            if t.dtype not in (torch.bfloat16, torch.float16):
+                continue
+            if isinstance(t, nn.Parameter):
+                t.data = old.to(t.device)
+                if t.grad is not None:
+                    t.grad = t.grad.float()
+            else:
+                store[k] = old.to(t.device)
+        return self
+
     # -- input checks ---------------------------------------------------------------------------------------------
     def validate(self, batch: Mapping[str, Any], training: bool) -> list[int]:
         """Shapes, dtypes, finiteness, ids and masks of a batch; raises one ValueError naming the field. Returns the
@@ -373,7 +396,7 @@ class ChunkPolicy(nn.Module, PyTorchModelHubMixin, library_name="chunkpolicy", t
             kw["layers"] = fused["head"]
         head_batch = {"action_mask": inputs["action_mask"]}
         if self.head.caps.embeds_state:
-            head_batch["state"] = self._head_state(inputs).to(self.backbone.state_proj.weight.dtype)
+            head_batch["state"] = self._head_state(inputs)  # fp32: the head casts it at its state projection
         return self.head.sample(self.backbone, prefix_out, head_batch, num_steps=num_steps, noise=noise, **kw)
 
     def postprocess(self, actions: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

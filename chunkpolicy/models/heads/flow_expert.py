@@ -80,9 +80,11 @@ class AdaRMSNorm(nn.Module):
         self.dense = nn.Linear(cond_dim, 3 * dim)
         nn.init.zeros_(self.dense.weight)
 
-    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``cond [B, c]`` → ``scale, shift, gate``, each ``[B, 1, dim]``."""
-        return self.dense(cond)[:, None].chunk(3, dim=-1)
+    def modulation(self, cond: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``cond [B, c]`` → ``scale, shift, gate``, each ``[B, 1, dim]``: scale and shift in ``dense``'s dtype (fp32 in a
+        bf16 policy; :meth:`apply` computes in fp32), the gate in ``dtype`` (the residual stream's)."""
+        scale, shift, gate = self.dense(cond.to(self.dense.weight.dtype))[:, None].chunk(3, dim=-1)
+        return scale, shift, gate.to(dtype)
 
     @staticmethod
     def apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
@@ -148,6 +150,20 @@ class FlowExpertHead(ActionHead):
             m.requires_grad_(False)  # never reached from the loss (see the module docstring)
         self._step = _ada_step if self.adarms else _expert_step  # compile_layers() swaps in a compiled version
 
+    def fp32_modules(self) -> list[nn.Module]:
+        """The projections of the noisy chunk, the state and the time, the expert's norms (with π0.5's time
+        modulations) and the output projection stay fp32 in a bf16 policy, as in LeRobot's and openpi's π0 / π0.5:
+        a small share of the work, but their bf16 rounding is the same at every Euler step, so it adds up over a chunk
+        instead of averaging out."""
+        norms = [m for m in self.modules() if isinstance(m, (AdaRMSNorm, GemmaRMSNorm))]
+        return [self.action_in, self.time_in, self.time_out, self.action_out, *norms] + (
+            [self.state_proj] if self.cfg.state_token == "expert" else [])
+
+    @property
+    def _layer_dtype(self) -> torch.dtype:
+        """dtype of the expert layers' activations (the residual stream)."""
+        return self.layers[0].mlp.down_proj.weight.dtype
+
     def compile_layers(self, **compile_kw: Any) -> None:
         """``torch.compile`` the per-layer training step (once, reused by every layer); see
         :meth:`Backbone.compile_layers`."""
@@ -170,26 +186,25 @@ class FlowExpertHead(ActionHead):
         """``x [B, H, D]``, ``tau [B]`` → action tokens ``[B, H, w]`` (``adarms``: the time enters through
         :meth:`time_condition` instead)."""
         a = self.action_in(x.to(self.action_in.weight.dtype))  # x is fp32 during sampling (flow.euler_integrate)
-        if self.adarms:
-            return a
-        t = self._time_embedding(tau, a.dtype)
-        h = torch.cat([a, t[:, None].expand_as(a)], dim=-1)
-        return self.time_out(F.silu(self.time_in(h)))
+        if not self.adarms:
+            t = self._time_embedding(tau, a.dtype)
+            h = torch.cat([a, t[:, None].expand_as(a)], dim=-1).to(self.time_in.weight.dtype)
+            a = self.time_out(F.silu(self.time_in(h)))
+        return a.to(self._layer_dtype)
 
     def time_condition(self, tau: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]] | None:
         """``adarms``: per expert layer the six modulations ``(scale, shift, gate)`` of its two norms, then the final
         norm's ``(scale, shift)``, each ``[B, 1, w]``; None otherwise."""
         if not self.adarms:
             return None
-        c = F.silu(self.time_out(F.silu(self.time_in(self._time_embedding(tau, dtype)))))
-        mods = [layer.input_layernorm.modulation(c) + layer.post_attention_layernorm.modulation(c) for layer in self.layers]
-        return mods + [self.norm.modulation(c)[:2]]
+        c = F.silu(self.time_out(F.silu(self.time_in(self._time_embedding(tau, self.time_in.weight.dtype)))))
+        mods = [layer.input_layernorm.modulation(c, dtype) + layer.post_attention_layernorm.modulation(c, dtype)
+                for layer in self.layers]
+        return mods + [self.norm.modulation(c, dtype)[:2]]
 
     def _final(self, h: torch.Tensor, mods: list | None) -> torch.Tensor:
-        if mods is None:
-            out = self.action_out(self.norm(h))
-        else:
-            out = self.action_out(AdaRMSNorm.apply(h, *mods[-1], self.norm.eps))
+        h = self.norm(h) if mods is None else AdaRMSNorm.apply(h, *mods[-1], self.norm.eps)
+        out = self.action_out(h.to(self.action_out.weight.dtype))
         return out if self._sign > 0 else -out
 
     def _suffix_positions(self, next_position: torch.Tensor) -> torch.Tensor:
@@ -203,7 +218,7 @@ class FlowExpertHead(ActionHead):
             raise ValueError("state: flow_expert with state_token='expert' needs the normalized state [B, D] in its batch")
         valid, (pk0, _) = prefix_out.valid, prefix_out.kv[0]
         B = valid.shape[0]
-        s = self.state_proj(state.to(self.state_proj.weight.dtype))[:, None]
+        s = self.state_proj(state.to(self.state_proj.weight.dtype))[:, None].to(self._layer_dtype)
         cos, sin = backbone.rope(pk0, prefix_out.next_position[:, None])
         bias = mask_bias(torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=valid.device)], 1))[:, None, None]
         out = []
@@ -283,7 +298,7 @@ class FlowExpertHead(ActionHead):
         if self.cfg.state_token == "expert":
             if state is None:
                 raise ValueError("state: flow_expert with state_token='expert' needs the normalized state [B, D]")
-            suf = torch.cat([self.state_proj(state.to(suf.dtype))[:, None], suf], 1)
+            suf = torch.cat([self.state_proj(state.to(self.state_proj.weight.dtype)).to(suf.dtype)[:, None], suf], 1)
             s_valid = torch.cat([s_valid[:, :1], s_valid], 1)
             s_block = torch.cat([torch.ones(B, 1, dtype=torch.long, device=dev), s_block], 1)
             pos = torch.cat([nxt[:, None], pos], 1)
@@ -319,7 +334,7 @@ class FlowExpertHead(ActionHead):
         x_t = flow.interpolate(a, noise, tau)
         # padded steps are unsupervised; their (data-dependent) content must not leak through attention either
         x_t = torch.where(pad[:, :, None], noise, x_t)
-        dt = self.action_in.weight.dtype  # bf16 weights without autocast: the expert runs in bf16, the loss in fp32
+        dt = self.action_in.weight.dtype  # fp32 unless train.precision=bf16 cast it; the loss is computed in fp32
         v = self.velocity(backbone, prefix_out, x_t.to(dt), tau.to(dt), state=batch.get("state")).float()
         loss = masked_mean((v - flow.target_velocity(a, noise).float()) ** 2, amask, pad)
         return {"loss": loss}
