@@ -419,7 +419,9 @@ def test_aggregate_paired_comparisons_with_targets(tmp_path, capsys):
         (d / f"{name}.json").write_text(json.dumps(_result(name, out)))
     comps = [Comparison("c-better", "c-worse", 15.0), Comparison("c-better", "c-close", 15.0),
              Comparison("c-close", "c-better", -60.0), Comparison("c-better", "c-lora", 15.0)]
-    md = Path(aggregate(d, tmp_path / "agg", comps)["markdown"]).read_text()
+    agg = aggregate(d, tmp_path / "agg", comps)
+    md = Path(agg["markdown"]).read_text()
+    assert [c["verdict"] for c in agg["comparisons"]] == ["met", "not met", "met", None]
     lines = {ln.split(" | ")[0].strip("| "): ln for ln in md.splitlines() if " − " in ln and ln.startswith("| c-")}
     # +50 points, all 50 discordant episodes favour `better`: interval far above 15, McNemar p = 2 / 2^50
     assert "**+50.0 [" in lines["c-better − c-worse"] and "| 50 / 0 (of 100) |" in lines["c-better − c-worse"]
@@ -432,8 +434,10 @@ def test_aggregate_paired_comparisons_with_targets(tmp_path, capsys):
     with pytest.raises(ValueError, match="comparison c-better − c-worse: the rows ran different episodes"):
         aggregate(d, tmp_path / "agg", comps)
     # the CLI: --compare A:B, errors in one line
+    capsys.readouterr()
     assert main(["aggregate", str(d), "--out", str(tmp_path / "agg2"), "--compare", "c-better:c-close"]) == 0
     assert "c-better − c-close" in (tmp_path / "agg2" / "STUDY.md").read_text()
+    assert "c-better − c-close: +0.0 [" in capsys.readouterr().out  # the readable summary ends the run
     capsys.readouterr()
     assert main(["aggregate", str(d), "--compare", "c-better:c-worse"]) == 2
     assert "ran different episodes" in capsys.readouterr().err

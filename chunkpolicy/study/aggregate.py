@@ -28,7 +28,7 @@ from chunkpolicy.atomic import atomic_file, read_json
 from chunkpolicy.study.config import Comparison, load_study
 from chunkpolicy.success_rate import paired_difference
 
-__all__ = ["load_rows", "aggregate", "summary_table", "task_table", "comparison_table"]
+__all__ = ["load_rows", "aggregate", "summary_table", "task_table", "compare_rows", "comparison_table"]
 
 
 def load_rows(directory: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
@@ -110,35 +110,56 @@ def _outcomes(r: dict[str, Any]) -> dict[tuple[str, int], bool]:
     return {(str(e["task"]), int(e["seed"])): bool(e["success"]) for e in eps}
 
 
-def comparison_table(rows: Sequence[dict[str, Any]], comparisons: Sequence[Comparison]) -> str:
-    """One line per comparison: success of row a − row b on the episodes both ran (same task and seed), in points
-    with its 95% interval, the episodes only one of them solved, McNemar's p, the target and the verdict. A row
-    without results yet is listed as such; rows whose episodes differ are an error naming both."""
+def compare_rows(rows: Sequence[dict[str, Any]], comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
+    """Per comparison: ``{"a", "b", "target_points", "missing"}`` plus, when both rows have results, the paired
+    difference (:func:`~chunkpolicy.success_rate.paired_difference` over the episodes matched by task and seed, in
+    fractions), both mean rates and ``verdict``: met (the whole interval at or above the target), not met (the whole
+    interval below it), not established, or None (no target, or a row without results). Rows whose episodes differ
+    are an error naming
+    both."""
     by_name = {r["row"]: r for r in rows}
-    lines = ["| a − b | a | b | difference, points [95% CI] | solved by a only / b only (of n) | McNemar p | target "
-             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+    out = []
     for c in comparisons:
-        target = "—" if c.target_points is None else f"≥ {c.target_points:+g}"
-        missing = [x for x in (c.a, c.b) if x not in by_name]
-        if missing:
-            lines.append(f"| {c.a} − {c.b} | | | not run yet: {', '.join(missing)} | | | {target} | — |")
+        res: dict[str, Any] = {"a": c.a, "b": c.b, "target_points": c.target_points, "verdict": None,
+                               "missing": [x for x in (c.a, c.b) if x not in by_name]}
+        out.append(res)
+        if res["missing"]:
             continue
-        ra, rb = by_name[c.a], by_name[c.b]
-        oa, ob = _outcomes(ra), _outcomes(rb)
+        oa, ob = _outcomes(by_name[c.a]), _outcomes(by_name[c.b])
         if oa.keys() != ob.keys():
             raise ValueError(f"comparison {c.a} − {c.b}: the rows ran different episodes ({len(oa.keys() - ob.keys())} "
                              f"only in {c.a}, {len(ob.keys() - oa.keys())} only in {c.b}); a paired difference needs "
                              "the same tasks and seeds")
         keys = sorted(oa)
-        d = paired_difference([oa[k] for k in keys], [ob[k] for k in keys])
-        lo, hi = (100 * x for x in d["ci95"])
-        verdict = "—"
-        if c.target_points is not None:
-            verdict = ("met" if lo >= c.target_points else "not met" if hi < c.target_points
-                       else "not established (the interval holds the target)")
-        lines.append(f"| {c.a} − {c.b} | {100 * ra['success']['mean']['rate']:.1f}% | "
-                     f"{100 * rb['success']['mean']['rate']:.1f}% | **{100 * d['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]** | "
-                     f"{d['only_a']} / {d['only_b']} (of {d['n']}) | {d['p_value']:.2g} | {target} | {verdict} |")
+        res.update(paired_difference([oa[k] for k in keys], [ob[k] for k in keys]))
+        res["rate_a"], res["rate_b"] = (by_name[x]["success"]["mean"]["rate"] for x in (c.a, c.b))
+        lo, hi = (100 * x for x in res["ci95"])
+        res["verdict"] = None if c.target_points is None else (
+            "met" if lo >= c.target_points else "not met" if hi < c.target_points
+            else "not established (the interval holds the target)")
+    return out
+
+
+def _diff_text(res: dict[str, Any]) -> str:
+    lo, hi = (100 * x for x in res["ci95"])
+    return f"{100 * res['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def comparison_table(rows: Sequence[dict[str, Any]], comparisons: Sequence[Comparison]) -> str:
+    """One line per comparison (:func:`compare_rows`): success of row a − row b in points with its 95% interval, the
+    episodes only one of them solved, McNemar's p, the target and the verdict; a row without results yet is listed
+    as such."""
+    lines = ["| a − b | a | b | difference, points [95% CI] | solved by a only / b only (of n) | McNemar p | target "
+             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+    for res in compare_rows(rows, comparisons):
+        target = "—" if res["target_points"] is None else f"≥ {res['target_points']:+g}"
+        name = f"{res['a']} − {res['b']}"
+        if res["missing"]:
+            lines.append(f"| {name} | | | not run yet: {', '.join(res['missing'])} | | | {target} | — |")
+            continue
+        lines.append(f"| {name} | {100 * res['rate_a']:.1f}% | {100 * res['rate_b']:.1f}% | **{_diff_text(res)}** | "
+                     f"{res['only_a']} / {res['only_b']} (of {res['n']}) | {res['p_value']:.2g} | {target} | "
+                     f"{res['verdict'] or '—'} |")
     return "\n".join(lines)
 
 
@@ -209,6 +230,7 @@ def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None
                 sp = _steps_plot(multi, out / f"steps_{g}_{env}.png", f"{g} · {env}: success vs training steps")
                 plots.append(str(sp))
                 md += [f"![{g} {env} steps]({sp.name})", ""]
+    compared = compare_rows(rows, comparisons) if comparisons else []
     if comparisons:
         md += ["## Paired comparisons", "",
                "Row a − row b on the same evaluation episodes (matched by task and seed), in success points: Newcombe's "
@@ -220,7 +242,7 @@ def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None
     with atomic_file(out / "STUDY.md") as tmp:
         tmp.write_text(text)
     return {"markdown": str(out / "STUDY.md"), "plots": plots, "rows": [r["row"] for r in rows], "skipped": skipped,
-            "gpu_minutes": total}
+            "gpu_minutes": total, "comparisons": compared}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,6 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = aggregate(a.dir, a.out, comps)
     print(f"{len(res['rows'])} rows, {res['gpu_minutes']:.1f} GPU-minutes: wrote {res['markdown']} and "
           f"{len(res['plots'])} plots")
+    done = [c for c in res["comparisons"] if not c["missing"]]
+    if res["comparisons"]:
+        print(f"paired comparisons (a − b, points [95% CI]): {len(done)} of {len(res['comparisons'])} have both rows")
+    for c in done:
+        target = "" if c["target_points"] is None else f"  target ≥ {c['target_points']:+g}: {c['verdict']}"
+        print(f"  {c['a']} − {c['b']}: {_diff_text(c)}, p = {c['p_value']:.2g}{target}")
     return 0
 
 
