@@ -115,8 +115,7 @@ def compare_rows(rows: Sequence[dict[str, Any]], comparisons: Sequence[Compariso
     difference (:func:`~chunkpolicy.success_rate.paired_difference` over the episodes matched by task and seed, in
     fractions), both mean rates and ``verdict``: met (the whole interval at or above the target), not met (the whole
     interval below it), not established, or None (no target, or a row without results). Rows whose episodes differ
-    are an error naming
-    both."""
+    are an error naming both."""
     by_name = {r["row"]: r for r in rows}
     out = []
     for c in comparisons:
