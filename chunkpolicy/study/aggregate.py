@@ -148,9 +148,13 @@ def comparison_table(rows: Sequence[dict[str, Any]], comparisons: Sequence[Compa
     """One line per comparison (:func:`compare_rows`): success of row a − row b in points with its 95% interval, the
     episodes only one of them solved, McNemar's p, the target and the verdict; a row without results yet is listed
     as such."""
+    return _comparison_lines(compare_rows(rows, comparisons))
+
+
+def _comparison_lines(compared: Sequence[dict[str, Any]]) -> str:
     lines = ["| a − b | a | b | difference, points [95% CI] | solved by a only / b only (of n) | McNemar p | target "
              "| verdict |", "|---|---|---|---|---|---|---|---|"]
-    for res in compare_rows(rows, comparisons):
+    for res in compared:
         target = "—" if res["target_points"] is None else f"≥ {res['target_points']:+g}"
         name = f"{res['a']} − {res['b']}"
         if res["missing"]:
@@ -190,7 +194,7 @@ def _steps_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
 def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None,
               comparisons: Sequence[Comparison] = ()) -> dict[str, Any]:
     """Build ``STUDY.md`` and the PNGs (see the module docstring); returns ``{"markdown", "plots", "rows",
-    "skipped", "gpu_minutes"}``."""
+    "skipped", "gpu_minutes", "comparisons"}`` (the last: :func:`compare_rows` of ``comparisons``)."""
     from chunkpolicy.evaluation.report import bar_chart
 
     rows, skipped = load_rows(directory)
@@ -234,7 +238,7 @@ def aggregate(directory: str | os.PathLike, out: str | os.PathLike | None = None
         md += ["## Paired comparisons", "",
                "Row a − row b on the same evaluation episodes (matched by task and seed), in success points: Newcombe's "
                "95% interval for paired proportions and McNemar's exact test; a target is met when the whole interval "
-               "is at or above it.", "", comparison_table(rows, comparisons), ""]
+               "is at or above it.", "", _comparison_lines(compared), ""]
     if skipped:
         md += ["Files in the results folder that are not row results: " + ", ".join(Path(s).name for s in skipped), ""]
     text = "\n".join(md)

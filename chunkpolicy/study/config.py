@@ -33,6 +33,8 @@ rows:
     data: ml45_test20
     method: {config: configs/study/xemb_posttrain_small.yaml, init_from_row: 4c-pretrain,
              overrides: [posttrain.mode=lora]}
+comparisons:                            # paired differences a − b in the aggregate (rows evaluated alike)
+  - {a: 4c-ml45test20-lora, b: 4c-ml45test20-scratch, target_points: 15}
 ```
 
 Rows: ``group`` (table it belongs to, default the text before the first ``-`` of its name), ``data`` (a key of
@@ -51,8 +53,10 @@ and ``eval`` (``episodes`` per task, ``seed`` (default: ``chunkpolicy eval``'s h
 checkpoints before the last with ``eval_checkpoints: all``, default ``episodes``: the curve's points are cheaper, the
 row's result, from the last checkpoint, always has ``episodes``; ``cuda_graph``: true | false | auto, chunks replayed
 as CUDA graphs (``chunkpolicy eval --cuda-graph``; auto: for chunkpolicy heads that sample without host syncs on a
-CUDA device, the choice recorded in the row's results). Every error names the key
-(``rows.4a-mt10-flow_expert.method.overrides``) and the file.
+CUDA device, the choice recorded in the row's results). ``comparisons``: pairs of rows evaluated on the same
+episodes (same ``data``, ``eval.seed`` and ``eval.episodes``), each ``{a, b, target_points}``, which
+``chunkpolicy study aggregate --study`` tabulates as paired differences a − b (target: the points the study aims for).
+Every error names the key (``rows.4a-mt10-flow_expert.method.overrides``) and the file.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["StudyError", "Study", "Row", "Comparison", "DataSource", "load_study", "expand_tasks", "EVAL_KEYS", "TRAIN_KEYS",
-           "TASK_SETS"]
+__all__ = ["StudyError", "Study", "Row", "Comparison", "DataSource", "load_study", "expand_tasks", "EVAL_KEYS",
+           "TRAIN_KEYS", "TASK_SETS"]
 
 TOP_KEYS = {"name", "out_dir", "results_dir", "defaults", "data", "rows", "comparisons", "notes"}
 COMPARISON_KEYS = {"a", "b", "target_points", "notes"}
