@@ -109,12 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dtype == "bfloat16":
             # both sides in bf16 (the same random weights, rounded), each against the fp32 reference: two bf16
             # implementations can only be asked to agree about as well as each agrees with fp32
-            fp32_weights = {n: q.detach().clone() for n, q in lr.named_parameters()}
-            lr.model.paligemma_with_expert.to_bfloat16_for_selected_params("bfloat16")
-            lr.config.dtype = "bfloat16"
-            with torch.no_grad():  # the parameters LeRobot keeps in fp32 must not pass through bf16 on the way
-                for n, q in lr.named_parameters():
-                    q.copy_(fp32_weights.pop(n))
+            fx.lerobot_to_bf16(lr)
             want16 = lerobot_chunk(lr, pre, post)
             phase("lerobot_chunk_bf16")
             got16 = our_chunk(ours, torch.bfloat16)

@@ -41,12 +41,9 @@
 # metaworld_pruned.tar.xz, and aloha_pruned.tar.xz = gym-aloha with the part of dm-control its tasks run on, built by
 # scripts/build_aloha_pruned.sh). Fetch (gymnasium-robotics) is not on the host image. For 4c
 # it is enough to carry the Fetch and ALOHA stores instead (ALOHA is only pretraining data there), collected on the
-# CPU machine and packed small (the runner reuses a finished collection: store + .collect.json marker):
-#   chunkpolicy study collect fetch aloha_4c --study configs/study/issue16.yaml
-#   tar cJf runs/study/data/xemb_sims.tar.xz -C runs/study/data fetch.zarr fetch.zarr.collect.json \
-#       aloha_4c.zarr aloha_4c.zarr.collect.json
-# and add runs/study/data/xemb_sims.tar.xz to carry: every runs/study/data/*.tar.xz is unpacked here (stores already
-# there are kept). 4a's ALOHA rows use the simulator itself (collection and evaluation). status.txt lists what imports.
+# CPU machine and packed small (the runner reuses a finished collection: store + .collect.json marker) by
+# `bash scripts/build_gpu_carry.sh --xemb` (with the rest of the carry), and add runs/study/data/xemb_sims.tar.xz to
+# carry: every runs/study/data/*.tar.xz is unpacked here (stores already there are kept). 4a's ALOHA rows use the simulator itself (collection and evaluation). status.txt lists what imports.
 #
 # Settings (environment): STUDY (default configs/study/issue16.yaml), CALL_MIN (minutes this call may use, default
 # 9.3), EVAL_RESERVE_MIN (minutes an evaluation and the latency need before one may start, default 3.5: more than

@@ -75,6 +75,20 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
             p.copy_((torch.randn(p.shape, generator=g) * std).to(p.device, p.dtype))
 
 
+def lerobot_to_bf16(policy: Any) -> Any:
+    """A LeRobot π0 / π0.5 policy turned into its bf16 one in place, by LeRobot's own
+    ``to_bfloat16_for_selected_params`` (what its constructor does for ``dtype="bfloat16"``), with the fp32 weights
+    copied back: exact where LeRobot keeps fp32, rounded where it keeps bf16 — the policy a bf16 build from the same
+    weights would be, without building and saving a second one. Returns ``policy``."""
+    fp32_weights = {n: q.detach().clone() for n, q in policy.named_parameters()}
+    policy.model.paligemma_with_expert.to_bfloat16_for_selected_params("bfloat16")
+    policy.config.dtype = "bfloat16"
+    with torch.no_grad():  # the parameters LeRobot keeps in fp32 must not pass through bf16 on the way
+        for n, q in policy.named_parameters():
+            q.copy_(fp32_weights.pop(n))
+    return policy
+
+
 def stats(n: int, seed: int) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
     mean = rng.normal(size=n)

@@ -207,15 +207,10 @@ def test_bf16_as_close_to_fp32_as_lerobot(kind, pi0, pi05, tmp_path):
     obs = {"images": imgs[:, :, None], "image_mask": torch.ones(2, 2, dtype=torch.bool),
            "state": ours.space.pad(state, 0, "state")[:, None], "prompt": list(TASKS),
            "embodiment": torch.zeros(2, dtype=torch.long)}
-    lr16 = copy.deepcopy(lerobot)
-    weights = {n: q.detach().clone() for n, q in lr16.named_parameters()}
-    lr16.model.paligemma_with_expert.to_bfloat16_for_selected_params("bfloat16")
-    lr16.config.dtype = "bfloat16"
+    lr16 = fx.lerobot_to_bf16(copy.deepcopy(lerobot))
     ours16 = copy.deepcopy(ours).to(torch.bfloat16)
     err = {"ours": 0.0, "lerobot": 0.0}
     with torch.no_grad():
-        for n, q in lr16.named_parameters():  # fp32 where LeRobot keeps fp32, rounded where it keeps bf16
-            q.copy_(weights[n])
         for seed in range(4):
             noise = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(seed))
             want = post(lerobot.predict_action_chunk(pre(batch), noise=noise.clone()))
