@@ -72,5 +72,5 @@ mkdir -p "$(dirname "$OUT")"
 # fixed order, owner and times; the top-level names, not ".", so unpacking leaves site-packages' own mode alone
 chmod -R u=rwX,go=rX "$tmp"
 (cd "$tmp" && tar --sort=name --owner=0 --group=0 --numeric-owner --mtime='2024-01-01 00:00Z' -cf - -- *) \
-  | xz -9e -T1 > "$OUT"
+  | xz -9e -T1 > "$OUT.tmp" && mv "$OUT.tmp" "$OUT"  # never a truncated tarball under the real name
 echo "$OUT: $(du -h "$OUT" | cut -f1) ($(du -sh "$tmp" | cut -f1) unpacked, $(find "$tmp" -type f | wc -l) files)"

@@ -72,9 +72,11 @@ build_all "$work/copy"
 } | sort > "$work/files.txt")
 kept=$(grep -c '^metaworld/assets/' "$work/files.txt" || true)
 [ "$kept" -gt 0 ] || { echo "no asset file's access time moved (filesystem mounted noatime?)" >&2; exit 1; }
-(cd "$work/copy" && tar --owner=0 --group=0 --numeric-owner -cf - -T "$work/files.txt") | xz -9 -T1 > .simpkgs/metaworld_pruned.tar.xz
-tar xJf .simpkgs/metaworld_pruned.tar.xz -C "$work/check"
+# written beside, checked, then renamed: a killed build never leaves a truncated tarball for gpu_env.sh to unpack
+(cd "$work/copy" && tar --owner=0 --group=0 --numeric-owner -cf - -T "$work/files.txt") | xz -9 -T1 > .simpkgs/.metaworld_pruned.tar.xz.tmp
+tar xJf .simpkgs/.metaworld_pruned.tar.xz.tmp -C "$work/check"
 build_all "$work/check"
+mv .simpkgs/.metaworld_pruned.tar.xz.tmp .simpkgs/metaworld_pruned.tar.xz
 echo "[carry] .simpkgs/metaworld_pruned.tar.xz: $(du -h .simpkgs/metaworld_pruned.tar.xz | cut -f1), $kept asset files of $(find "$SITE/metaworld/assets" -type f | wc -l)"
 
 echo "[carry] .gl/"
@@ -86,8 +88,9 @@ apt-get "${o[@]}" update -qq >/dev/null
 if [ $xemb = 1 ]; then  # collected here, unpacked by benchmarks/study_gpu.sh on the host (a finished store is reused)
   echo "[carry] runs/study/data/xemb_sims.tar.xz"
   $PY -m chunkpolicy.study.cli collect fetch aloha_4c --study configs/study/issue16.yaml
-  tar cJf runs/study/data/xemb_sims.tar.xz -C runs/study/data fetch.zarr fetch.zarr.collect.json \
+  tar cJf runs/study/data/.xemb_sims.tar.xz.tmp -C runs/study/data fetch.zarr fetch.zarr.collect.json \
     aloha_4c.zarr aloha_4c.zarr.collect.json
+  mv runs/study/data/.xemb_sims.tar.xz.tmp runs/study/data/xemb_sims.tar.xz
   du -sh runs/study/data/xemb_sims.tar.xz
 fi
 du -sh wheels wheels_lr .simpkgs .gl
